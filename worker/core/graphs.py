@@ -1,0 +1,62 @@
+"""The graph contract of a compiled Qwen/Llama bmodel, which every backend implements.
+
+A BM1684X bmodel is a set of graphs (sophon-demo `sample/Qwen`):
+  embedding        input_ids [1, L] -> hidden [1, L, H]
+  block_{i}        hidden, position_ids [1, L], mask [1, 1, L, L] -> hidden, k, v [1, L, kv_heads, dim]
+  embedding_cache  one token -> hidden [1, 1, H]
+  block_cache_{i}  hidden [1, 1, H], position [1, 1], mask [1, 1, 1, SEQLEN + 1], past k/v
+                   [1, SEQLEN, kv_heads, dim] -> hidden, k, v of one position
+  lm_head          hidden [1, 1, H] -> logits [V], or a token id when greedy is compiled in
+
+The generation driver (driver.py) owns positions, masks, KV-cache offsets and the SEQLEN limit;
+a backend only runs graphs and keeps its KV cache where its hardware wants it (numpy arrays on
+the CPU, device memory on the chip). Hidden states are opaque handles passed back unchanged.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+# Additive attention-mask value for a hidden position, as the bmodels are compiled with
+# (fp16 -10000; its bf16 bit pattern is 50716). Backends convert it to their input dtype.
+MASK_VALUE = -10000.0
+
+Hidden = Any  # a backend's own handle for a hidden-state tensor
+
+
+class HeadKind(enum.Enum):
+    LOGITS = "logits"  # lm_head returns float32 logits [V]: the host samples
+    TOKEN_ID = "token_id"  # greedy compiled into lm_head: no host-side sampling possible
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    seq_len: int  # SEQLEN: KV-cache capacity, the longest prompt + answer
+    num_layers: int
+    is_dynamic: bool  # prefill may run at the prompt's length instead of padding to seq_len
+    head: HeadKind
+
+
+class ModelGraphs(Protocol):
+    spec: GraphSpec
+
+    def embedding(self, input_ids: np.ndarray) -> Hidden:
+        """input_ids int32 [1, L] -> hidden [1, L, H]."""
+
+    def block(self, layer: int, hidden: Hidden, position_ids: np.ndarray, mask: np.ndarray) -> Hidden:
+        """Prefill one layer over L positions (position_ids int32 [1, L], mask float32
+        [1, 1, L, L]); stores the layer's k/v for positions 0..L-1 in the KV cache."""
+
+    def embedding_cache(self, token_id: int) -> Hidden:
+        """One token -> hidden [1, 1, H]."""
+
+    def block_cache(self, layer: int, hidden: Hidden, position: int, mask: np.ndarray) -> Hidden:
+        """Decode one position (mask float32 [1, 1, 1, seq_len + 1], the last entry being the
+        new token itself): attends over the cached positions, writes k/v at `position`."""
+
+    def lm_head(self, hidden: Hidden, index: int) -> np.ndarray:
+        """The head on row `index` of hidden: float32 logits [V], or int32 [1] token id."""
