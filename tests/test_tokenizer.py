@@ -1,0 +1,263 @@
+"""Tokenizer loading from every accepted source, checked against independent oracles where we have one."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import gguf
+import pytest
+from tokenizers import Tokenizer as BackendTokenizer
+from tokenizers import models, pre_tokenizers, trainers
+
+from worker.core.builtin_model import builtin_model_path
+from worker.core.request import USER, Turn
+from worker.core.tokenizer import load_tokenizer
+
+ROUND_TRIP_TEXTS = [
+    "Hello, world!",
+    "你好，世界！很高兴见到你。",
+    "🙂👍🏽 emoji and 𠀋𪚥 rare CJK",
+    "def f(x):\n    return x**2  # 平方\r\n\ttabs   spaces",
+    "numbers 2024 and 3.14159",
+]
+
+
+def test_qwen7b_tiktoken_gives_the_ids_tiktoken_gives(fixtures_dir, qwen7b_tokenizer):
+    cases = json.loads((fixtures_dir / "qwen-7b-token_config" / "expected_ids.json").read_text())
+    assert len(cases) >= 6
+    mismatches = [
+        (case["text"], qwen7b_tokenizer.encode(case["text"]), case["ids"])
+        for case in cases
+        if qwen7b_tokenizer.encode(case["text"]) != case["ids"]
+    ]
+    assert mismatches == []
+
+
+def test_qwen7b_special_tokens_end_ids_and_fallback_template(qwen7b_tokenizer):
+    specials = "<|endoftext|><|im_start|><|im_end|><|extra_0|><|extra_204|>"
+    assert qwen7b_tokenizer.encode(specials) == [151643, 151644, 151645, 151646, 151850]
+    assert qwen7b_tokenizer.eos_token_ids == {151643, 151645}
+    assert qwen7b_tokenizer.vocab_size == 151643 + 208
+    assert (
+        qwen7b_tokenizer.decode(qwen7b_tokenizer.encode("<|im_start|>user\n你好<|im_end|>")) == "user\n你好"
+    )
+    assert qwen7b_tokenizer.chat_template.origin == "ChatML fallback"
+
+
+@pytest.mark.parametrize("text", ROUND_TRIP_TEXTS)
+def test_qwen_tokenizers_round_trip_and_agree(qwen7b_tokenizer, qwen25_tokenizer, text):
+    # Qwen2.5 kept Qwen-7B's vocabulary and split rules: vocab+merges and tiktoken ranks must agree.
+    ids = qwen25_tokenizer.encode(text)
+    assert ids == qwen7b_tokenizer.encode(text)
+    assert qwen25_tokenizer.decode(ids) == text
+
+
+def test_qwen25_vocab_merges_specials_end_ids_and_real_template(fixtures_dir, qwen25_tokenizer):
+    config = json.loads((fixtures_dir / "qwen2.5-tokenizer" / "tokenizer_config.json").read_text())
+    for token_id, entry in config["added_tokens_decoder"].items():
+        assert qwen25_tokenizer.encode(entry["content"]) == [int(token_id)], entry["content"]
+    assert qwen25_tokenizer.eos_token_ids == {151643, 151645}
+    assert qwen25_tokenizer.vocab_size == 151643 + len(config["added_tokens_decoder"])
+    assert not qwen25_tokenizer.add_bos_token
+
+    prompt = qwen25_tokenizer.chat_template.render("You are a helpful assistant.", [Turn(USER, "你好")])
+    assert prompt == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n"
+    )
+    expected = json.loads((fixtures_dir / "qwen-7b-token_config" / "expected_ids.json").read_text())
+    assert qwen25_tokenizer.encode(prompt) == next(case["ids"] for case in expected if case["text"] == prompt)
+    # Special tokens are skipped in decoded text, ordinary added tokens such as <tool_call> are kept.
+    assert qwen25_tokenizer.decode([151644, 151657, 108386, 151645]) == "<tool_call>你好"
+
+
+def test_tokenizer_json_folder_with_byte_fallback(stories_tokenizer):
+    assert stories_tokenizer.bos_token_id == 1
+    assert stories_tokenizer.eos_token_ids == {2}
+    assert stories_tokenizer.add_bos_token  # its post-processor adds <s>: prompts need it too
+    ids = stories_tokenizer.encode("Once upon a time")
+    assert ids[0] != 1
+    assert stories_tokenizer.encode_prompt("Once upon a time") == [1, *ids]
+    assert stories_tokenizer.decode(stories_tokenizer.encode("Lily 你好 🙂")) == "Lily 你好 🙂"
+    assert len(stories_tokenizer.encode("你")) == 1 + 3  # "▁" and three <0xNN> byte tokens
+
+
+def test_vocab_json_and_merges_txt_folder(tmp_path):
+    vocab = train_tiny_byte_level_bpe(tmp_path)
+    base = len(vocab)
+    write_json(
+        tmp_path / "tokenizer_config.json",
+        {
+            "added_tokens_decoder": {
+                str(base): {"content": "<|im_start|>", "special": True},
+                str(base + 1): {"content": "<|im_end|>", "special": True},
+                str(base + 2): {"content": "<tool_call>", "special": False},
+            },
+            "eos_token": "<|im_end|>",
+            "chat_template": "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}",
+        },
+    )
+    tokenizer = load_tokenizer(tmp_path)
+    assert tokenizer.encode("hello world") == [vocab["hello"], vocab["Ġworld"]]
+    assert tokenizer.encode("<|im_start|>hello<|im_end|>") == [base, vocab["hello"], base + 1]
+    assert tokenizer.decode([base, vocab["hello"], base + 2, base + 1]) == "hello<tool_call>"
+    assert tokenizer.eos_token_ids == {base + 1}
+    assert tokenizer.vocab_size == base + 3
+    assert tokenizer.chat_template.render("", [Turn(USER, "hi")]) == "[user]hi"
+
+
+def test_added_tokens_that_skip_ids_are_refused(tmp_path):
+    base = len(train_tiny_byte_level_bpe(tmp_path))
+    write_json(
+        tmp_path / "tokenizer_config.json",
+        {"added_tokens_decoder": {str(base + 5): {"content": "<|im_end|>", "special": True}}},
+    )
+    with pytest.raises(ValueError, match=r"declared with id .* do not continue the vocabulary"):
+        load_tokenizer(tmp_path)
+
+
+def test_folder_without_end_token_is_refused(tmp_path):
+    train_tiny_byte_level_bpe(tmp_path)
+    with pytest.raises(ValueError, match="no end-of-sequence token declared"):
+        load_tokenizer(tmp_path)
+
+
+def test_gguf_byte_level_tokenizer_of_the_builtin_model(smollm2_tokenizer):
+    assert smollm2_tokenizer.bos_token_id == 1
+    assert {2, 0} <= smollm2_tokenizer.eos_token_ids  # <|im_end|> (declared EOS) and <|endoftext|>
+    assert smollm2_tokenizer.vocab_size == 49152
+    assert smollm2_tokenizer.encode("<|im_start|>user<|im_end|>")[::2] == [1, 2]
+    for text in ROUND_TRIP_TEXTS:
+        assert smollm2_tokenizer.decode(smollm2_tokenizer.encode(text)) == text
+    # SmolLM's pre-tokenizer ("smollm" in the GGUF) puts every digit in a token of its own.
+    digits = smollm2_tokenizer.encode("2024")
+    assert [smollm2_tokenizer.decode([token]) for token in digits] == ["2", "0", "2", "4"]
+    prompt = smollm2_tokenizer.chat_template.render("", [Turn(USER, "Hi")])
+    assert prompt == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_gguf_sentencepiece_tokenizer_matches_the_same_vocab_as_tokenizer_json(
+    tmp_path, fixtures_dir, stories_tokenizer
+):
+    # llama2.c's tok512.bin (pieces and scores of the SentencePiece model) written as a "llama" GGUF
+    # vocabulary must tokenize like the tokenizer.json converted independently from the same model.
+    path = write_sentencepiece_gguf(
+        fixtures_dir / "stories260K" / "llama2c" / "tok512.bin", tmp_path / "spm.gguf"
+    )
+    tokenizer = load_tokenizer(path)
+    texts = [
+        *ROUND_TRIP_TEXTS,
+        "Once upon a time, there was a little girl named Lily.",
+        "  leading spaces and\nnew lines\n\n",
+        "<s>special</s> tokens",
+    ]
+    for text in texts:
+        assert tokenizer.encode(text) == stories_tokenizer.encode(text), text
+        assert tokenizer.decode(tokenizer.encode(text)) == stories_tokenizer.decode(
+            stories_tokenizer.encode(text)
+        )
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_ids, tokenizer.add_bos_token) == (1, {2}, True)
+
+
+def test_builtin_model_path():
+    path = builtin_model_path()
+    assert path.is_file() and path.suffix == ".gguf"
+    with pytest.raises(ValueError, match="unknown builtin model 'nope'"):
+        builtin_model_path("nope")
+
+
+def test_bad_sources_get_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_tokenizer(tmp_path / "missing")
+    with pytest.raises(
+        FileNotFoundError, match=r"no tokenizer found; expected tokenizer\.json, or vocab\.json"
+    ):
+        load_tokenizer(tmp_path)
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(ValueError, match=r"neither a token_config / model folder nor a \.gguf file"):
+        load_tokenizer(tmp_path / "notes.txt")
+    (tmp_path / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"tokenizer_config\.json: not valid JSON"):
+        load_tokenizer(tmp_path)
+
+
+def test_gguf_without_a_usable_tokenizer_is_refused(tmp_path):
+    bare = write_gguf(tmp_path / "bare.gguf", lambda writer: None)
+    with pytest.raises(ValueError, match=r"bare\.gguf: no tokenizer in this GGUF file"):
+        load_tokenizer(bare)
+
+    def falcon_split(writer: gguf.GGUFWriter) -> None:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("falcon")
+        writer.add_token_list(["a", "b", "ab"])
+        writer.add_token_merges(["a b"])
+
+    with pytest.raises(ValueError, match="pre-tokenizer 'falcon' is not supported"):
+        load_tokenizer(write_gguf(tmp_path / "falcon.gguf", falcon_split))
+
+    def wordpiece(writer: gguf.GGUFWriter) -> None:
+        writer.add_tokenizer_model("bert")
+        writer.add_token_list(["[UNK]", "a"])
+
+    with pytest.raises(ValueError, match="tokenizer model 'bert' is not supported"):
+        load_tokenizer(write_gguf(tmp_path / "bert.gguf", wordpiece))
+
+
+def train_tiny_byte_level_bpe(folder: Path) -> dict[str, int]:
+    """vocab.json + merges.txt of a small byte-level BPE trained here; returns the vocabulary."""
+    backend = BackendTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(["hello world, hello there"] * 50 + ["the quick brown fox"] * 20, trainer)
+    backend.model.save(str(folder))
+    return json.loads((folder / "vocab.json").read_text())
+
+
+def write_sentencepiece_gguf(llama2c_tokenizer: Path, path: Path) -> Path:
+    """llama2.c's tokenizer.bin (int32 max length, then per token: f32 score, int32 length, bytes) as GGUF.
+
+    llama2.c wrote spaces for "▁" and "\\n<s>\\n" / "\\n</s>\\n" for BOS/EOS; undo that.
+    """
+    data = llama2c_tokenizer.read_bytes()
+    offset, pieces, scores = 4, [], []
+    while offset < len(data):
+        score, length = struct.unpack_from("<fi", data, offset)
+        pieces.append(data[offset + 8 : offset + 8 + length].decode("utf-8").replace(" ", "▁"))
+        scores.append(score)
+        offset += 8 + length
+    pieces[1:3] = ["<s>", "</s>"]
+    kinds = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+    kinds += [
+        gguf.TokenType.BYTE if piece.startswith("<0x") else gguf.TokenType.NORMAL for piece in pieces[3:]
+    ]
+
+    def vocabulary(writer: gguf.GGUFWriter) -> None:
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(pieces)
+        writer.add_token_scores(scores)
+        writer.add_token_types(kinds)
+        writer.add_unk_token_id(0)
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
+        writer.add_add_bos_token(True)
+
+    return write_gguf(path, vocabulary)
+
+
+def write_gguf(path: Path, add_metadata) -> Path:
+    writer = gguf.GGUFWriter(str(path), "llama")
+    add_metadata(writer)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def write_json(path: Path, content: dict) -> None:
+    path.write_text(json.dumps(content), encoding="utf-8")
