@@ -1,11 +1,50 @@
 """Deployment configuration: the YAML schema as typed dataclasses, loaded and validated in one place.
 
 Every knob of the pool lives here with its default; a bad file fails with a message naming the key.
+Each dataclass checks its own ranges in __post_init__, so a config built in code is checked too;
+`load_config` adds the structural checks (unknown keys, types) and the seed's environment overrides.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from common.wire import MAX_FRAME_BYTES
+
+ENGINES = ("numpy", "sail", "paced")
+# Room a Generate needs around the request text itself (ids, field tags, sampling params).
+_FRAME_HEADROOM_BYTES = 64 << 10
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; `key` is its dotted path (or an env variable)."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}" if key else problem)
+        self.key = key
+        self.problem = problem
+
+    def under(self, section: str) -> ConfigError:
+        """The same error seen from the enclosing section."""
+        return ConfigError(f"{section}.{self.key}" if self.key else section, self.problem)
+
+
+def _require(ok: bool, key: str, rule: str, value: object) -> None:
+    if not ok:
+        raise ConfigError(key, f"{rule}, got {value!r}")
+
+
+def _require_host_port(key: str, value: str) -> None:
+    host, _, port = value.rpartition(":")
+    _require(bool(host) and port.isdigit() and 0 < int(port) < 65536, key, "must be host:port", value)
 
 
 @dataclass(frozen=True)
@@ -20,6 +59,15 @@ class GenerationDefaults:
     penalty_window: int = 64  # how many recent tokens the repetition penalty looks at
     seed: int | None = None
 
+    def __post_init__(self) -> None:
+        _require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1", self.max_new_tokens)
+        _require(self.temperature >= 0, "temperature", "must be >= 0 (0 = greedy)", self.temperature)
+        _require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]", self.top_p)
+        _require(self.top_k >= 0, "top_k", "must be >= 0 (0 = no cut)", self.top_k)
+        _require(self.repetition_penalty > 0, "repetition_penalty", "must be > 0", self.repetition_penalty)
+        _require(self.penalty_window >= 0, "penalty_window", "must be >= 0", self.penalty_window)
+        _require(self.seed is None or self.seed >= 0, "seed", "must be >= 0 or null", self.seed)
+
 
 @dataclass(frozen=True)
 class PacedConfig:
@@ -28,6 +76,13 @@ class PacedConfig:
     tokens_per_second: float = 10.0
     first_token_delay_s: float = 0.7
     tokens_per_request: int = 64
+
+    def __post_init__(self) -> None:
+        _require(self.tokens_per_second > 0, "tokens_per_second", "must be > 0", self.tokens_per_second)
+        _require(
+            self.first_token_delay_s >= 0, "first_token_delay_s", "must be >= 0", self.first_token_delay_s
+        )
+        _require(self.tokens_per_request >= 1, "tokens_per_request", "must be >= 1", self.tokens_per_request)
 
 
 @dataclass(frozen=True)
@@ -42,6 +97,19 @@ class ModelConfig:
     defaults: GenerationDefaults = field(default_factory=GenerationDefaults)
     paced: PacedConfig = field(default_factory=PacedConfig)
 
+    def __post_init__(self) -> None:
+        _require(bool(self.name.strip()), "name", "must not be empty", self.name)
+        _require(self.engine in ENGINES, "engine", f"must be one of {', '.join(ENGINES)}", self.engine)
+        _require(bool(self.path.strip()), "path", "must not be empty", self.path)
+        _require(
+            self.tokenizer is None or bool(self.tokenizer.strip()),
+            "tokenizer",
+            "must not be empty",
+            self.tokenizer,
+        )
+        _require(self.context_size >= 16, "context_size", "must be >= 16", self.context_size)
+        _require(self.threads >= 1, "threads", "must be >= 1", self.threads)
+
 
 @dataclass(frozen=True)
 class RouterConfig:
@@ -55,6 +123,40 @@ class RouterConfig:
     max_request_bytes: int = 1 << 20
     metrics_listen: str | None = None  # e.g. "127.0.0.1:9400"; None = no metrics endpoint
 
+    def __post_init__(self) -> None:
+        _require_host_port("listen", self.listen)
+        _require(
+            self.zmq_bind.startswith(("tcp://", "ipc://")),
+            "zmq_bind",
+            "must be tcp://host:port or ipc://path",
+            self.zmq_bind,
+        )
+        if self.zmq_bind.startswith("tcp://"):
+            _require_host_port("zmq_bind", self.zmq_bind.removeprefix("tcp://"))
+        _require(self.queue_size >= 1, "queue_size", "must be >= 1", self.queue_size)
+        _require(self.queue_timeout_s > 0, "queue_timeout_s", "must be > 0", self.queue_timeout_s)
+        _require(
+            self.heartbeat_interval_s > 0, "heartbeat_interval_s", "must be > 0", self.heartbeat_interval_s
+        )
+        _require(self.liveness >= 2, "liveness", "must be >= 2", self.liveness)
+        _require(self.drain_timeout_s >= 0, "drain_timeout_s", "must be >= 0", self.drain_timeout_s)
+        largest = MAX_FRAME_BYTES - _FRAME_HEADROOM_BYTES
+        _require(
+            0 < self.max_request_bytes <= largest,
+            "max_request_bytes",
+            f"must be in [1, {largest}]",
+            self.max_request_bytes,
+        )
+        if self.metrics_listen is not None:
+            _require_host_port("metrics_listen", self.metrics_listen)
+
+    def worker_endpoint(self) -> str:
+        """Where a worker on this host connects: zmq_bind with a wildcard host replaced by loopback."""
+        for wildcard in ("tcp://*:", "tcp://0.0.0.0:"):
+            if self.zmq_bind.startswith(wildcard):
+                return "tcp://127.0.0.1:" + self.zmq_bind.removeprefix(wildcard)
+        return self.zmq_bind
+
 
 @dataclass(frozen=True)
 class WorkersConfig:
@@ -62,6 +164,50 @@ class WorkersConfig:
     per_device: int = 1
     restart_backoff_s: float = 0.5  # first restart delay; doubles per crash up to the max
     restart_backoff_max_s: float = 30.0
+    stable_after_s: float = 10.0  # a worker that ran this long before dying starts a fresh backoff
+    crash_loop_after: int = 3  # this many quick crashes in a row = crash loop: wait the max backoff
+    stop_grace_s: float = 10.0  # SIGTERM -> SIGKILL; a stopping worker finishes its request for half of it
+    reconnect_backoff_s: float = 0.25  # a worker that lost the router re-registers after this, doubling
+    reconnect_backoff_max_s: float = 5.0
+    step_timeout_s: float = 120.0  # an engine step (prefill included) running longer = hung worker: it exits
+    # numpy engine: refuse to start more worker threads than the machine has cores, unless this is true.
+    allow_cpu_oversubscription: bool = False
+
+    def __post_init__(self) -> None:
+        _require(len(self.devices) >= 1, "devices", "must list at least one device id", list(self.devices))
+        _require(
+            all(device >= 0 for device in self.devices), "devices", "must be ids >= 0", list(self.devices)
+        )
+        _require(
+            len(set(self.devices)) == len(self.devices),
+            "devices",
+            "must not repeat an id",
+            list(self.devices),
+        )
+        _require(self.per_device >= 1, "per_device", "must be >= 1", self.per_device)
+        _require(self.restart_backoff_s > 0, "restart_backoff_s", "must be > 0", self.restart_backoff_s)
+        _require(
+            self.restart_backoff_max_s >= self.restart_backoff_s,
+            "restart_backoff_max_s",
+            "must be >= restart_backoff_s",
+            self.restart_backoff_max_s,
+        )
+        _require(self.stable_after_s > 0, "stable_after_s", "must be > 0", self.stable_after_s)
+        _require(self.crash_loop_after >= 1, "crash_loop_after", "must be >= 1", self.crash_loop_after)
+        _require(self.stop_grace_s > 0, "stop_grace_s", "must be > 0", self.stop_grace_s)
+        _require(self.reconnect_backoff_s > 0, "reconnect_backoff_s", "must be > 0", self.reconnect_backoff_s)
+        _require(
+            self.reconnect_backoff_max_s >= self.reconnect_backoff_s,
+            "reconnect_backoff_max_s",
+            "must be >= reconnect_backoff_s",
+            self.reconnect_backoff_max_s,
+        )
+        _require(self.step_timeout_s > 0, "step_timeout_s", "must be > 0", self.step_timeout_s)
+
+    @property
+    def count(self) -> int:
+        """Local worker processes the supervisor runs."""
+        return len(self.devices) * self.per_device
 
 
 @dataclass(frozen=True)
@@ -69,3 +215,99 @@ class PoolConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
+
+
+def load_config(path: str | Path, environ: Mapping[str, str] = os.environ) -> PoolConfig:
+    """Read a YAML file, apply MODEL_PATH / TOKENIZER_PATH / DEV_ID from `environ`, validate everything."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError("", f"cannot read config file {path}: {error.strerror or error}") from error
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError("", f"{path} is not valid YAML: {error}") from error
+    if raw is None:
+        raw = {}  # an empty file means "all defaults"
+    if not isinstance(raw, dict):
+        raise ConfigError("", f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    return _build(PoolConfig, _with_env_overrides(raw, environ), "")
+
+
+def _with_env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """The seed's variables win over the file, as they did over the seed's built-in defaults."""
+    merged = dict(raw)
+    model = _section(merged, "model")
+    workers = _section(merged, "workers")
+    if environ.get("MODEL_PATH"):
+        model["path"] = environ["MODEL_PATH"]
+    if environ.get("TOKENIZER_PATH"):
+        model["tokenizer"] = environ["TOKENIZER_PATH"]
+    if environ.get("DEV_ID"):
+        workers["devices"] = _parse_device_ids(environ["DEV_ID"])
+    return merged
+
+
+def _section(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    """A copy of one section, put back into `raw`, so overrides never touch the parsed original."""
+    section = raw.get(name)
+    if section is None:
+        section = {}
+    if not isinstance(section, dict):
+        raise ConfigError(name, f"must be a mapping, got {section!r}")
+    raw[name] = dict(section)
+    return raw[name]
+
+
+def _parse_device_ids(text: str) -> list[int]:
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() for part in parts):
+        raise ConfigError("DEV_ID", f"must be a device id or a comma-separated list of ids, got {text!r}")
+    return [int(part) for part in parts]
+
+
+def _build(cls: type, raw: object, path: str) -> Any:
+    """Instantiate dataclass `cls` from a YAML mapping, checking keys and types on the way."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(path, f"must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in fields(cls)]
+    values = {}
+    for key, value in raw.items():
+        key_path = _join(path, str(key))
+        if key not in known:
+            raise ConfigError(key_path, f"unknown key (expected one of: {', '.join(known)})")
+        values[key] = _convert(hints[key], value, key_path)
+    try:
+        return cls(**values)
+    except ConfigError as error:
+        raise error.under(path) if path else error from None
+
+
+def _convert(hint: Any, value: object, path: str) -> Any:
+    if is_dataclass(hint):
+        return _build(hint, value, path)
+    if isinstance(hint, types.UnionType):  # `X | None`: the only union in the schema
+        if value is None:
+            return None
+        (hint,) = (arg for arg in typing.get_args(hint) if arg is not type(None))
+    if typing.get_origin(hint) is tuple:
+        (item_hint, _) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(path, f"must be a list of {item_hint.__name__}, got {value!r}")
+        return tuple(_convert(item_hint, item, f"{path}[{index}]") for index, item in enumerate(value))
+    return _scalar(hint, value, path)
+
+
+def _scalar(hint: type, value: object, path: str) -> object:
+    # bool is an int in Python but `threads: true` is a mistake, never a number.
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    raise ConfigError(path, f"must be {names[hint]}, got {value!r}")
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key

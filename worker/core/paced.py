@@ -1,0 +1,66 @@
+"""The `paced` engine: a load-testing and capacity-planning backend that computes no model.
+
+It streams short words at a fixed rate (PacedConfig: first_token_delay_s, then tokens_per_second,
+tokens_per_request in all), so the router, queue, wire and clients can be measured, and pools sized,
+under the timing of a real chip on any machine. It honours the Engine contract like a real
+backend: max_new_tokens, the context limit (prompt size estimated from the text), and `cancel`,
+which it waits on between tokens so a cancel takes effect at once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+from common.config import ModelConfig
+from worker.core.request import ChatRequest, Chunk, FinishReason, RequestError
+
+_WORDS = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit", "sed", "do")
+_BYTES_PER_TOKEN = 4  # the usual rough size of a BPE token in text
+_TEMPLATE_TOKENS_PER_TURN = 4  # role markers a chat template adds around each turn
+
+
+class PacedEngine:
+    def __init__(self, model: ModelConfig) -> None:
+        self.model_id = model.name
+        self.context_size = model.context_size
+        self._pace = model.paced
+        self._default_max_new_tokens = model.defaults.max_new_tokens
+
+    def generate(self, request: ChatRequest, cancel: threading.Event) -> Iterator[Chunk]:
+        prompt_tokens = estimate_prompt_tokens(request)
+        room = self.context_size - prompt_tokens
+        if room <= 0:
+            raise RequestError(
+                f"the prompt (about {prompt_tokens} tokens) leaves no room in the context of "
+                f"{self.context_size} tokens"
+            )
+        return self._stream(request, cancel, prompt_tokens, room)
+
+    def _stream(
+        self, request: ChatRequest, cancel: threading.Event, prompt_tokens: int, room: int
+    ) -> Iterator[Chunk]:
+        max_new_tokens = request.params.max_new_tokens
+        if max_new_tokens is None:
+            max_new_tokens = self._default_max_new_tokens
+        count = min(self._pace.tokens_per_request, max_new_tokens, room)
+        finish = FinishReason.STOP if count == self._pace.tokens_per_request else FinishReason.LENGTH
+        first_at = time.monotonic() + self._pace.first_token_delay_s
+        if count == 0:
+            yield Chunk("", 0, prompt_tokens, finish)
+            return
+        for index in range(count):
+            # Deadlines from the start, so the rate does not drift with the time spent yielding.
+            due = first_at + index / self._pace.tokens_per_second
+            if cancel.wait(max(0.0, due - time.monotonic())):
+                yield Chunk("", index, prompt_tokens, FinishReason.CANCELLED)
+                return
+            word = _WORDS[index % len(_WORDS)]
+            text = word if index == 0 else " " + word
+            yield Chunk(text, index + 1, prompt_tokens, finish if index == count - 1 else None)
+
+
+def estimate_prompt_tokens(request: ChatRequest) -> int:
+    texts = [request.system_message, *(turn.content for turn in request.history)]
+    return sum(len(text.encode()) // _BYTES_PER_TOKEN + _TEMPLATE_TOKENS_PER_TURN for text in texts)

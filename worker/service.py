@@ -1,0 +1,426 @@
+"""The worker process loop: registers with the router over ZeroMQ, serves generations, heartbeats.
+
+One DEALER socket, touched only by this loop (pyzmq sockets are not thread-safe). The engine runs
+in a GenerationThread; its chunks come back through an outbox plus a wake-up socket, which is also
+the signal wake-up fd, so the loop sleeps in one poll until a message, a chunk, a signal or its
+next deadline. Paranoid Pirate heartbeating: a heartbeat every interval; a router silent for
+`liveness` intervals is presumed dead, so the socket is reopened and the worker registers again
+(with backoff), abandoning any generation in flight. A Disconnect from the router means it no
+longer knows this worker: abandon and register again at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+import zmq
+
+from common import wire
+from common.config import PoolConfig
+from protos import worker_pb2 as pb
+from worker.core.engine import Engine, load_engine
+from worker.generation import GenerationThread, Job
+from worker.translate import chat_request, error_chunk
+
+log = logging.getLogger("worker")
+
+EXIT_ENGINE_HUNG = 70  # the supervisor restarts a worker whose engine step never returned
+_SHUTDOWN_FLUSH_MS = 1000  # how long a stopping worker tries to deliver its last messages
+
+
+@dataclass(frozen=True)
+class WorkerIdentity:
+    worker_id: str  # the ZeroMQ routing id: unique in the pool
+    device_id: int
+
+
+def run_worker(config: PoolConfig, identity: WorkerIdentity, endpoint: str) -> int:
+    """Load the engine, then serve until SIGTERM/SIGINT; returns the process exit code."""
+    log.info(
+        "loading %s engine for %s on device %d", config.model.engine, config.model.path, identity.device_id
+    )
+    try:
+        engine = load_engine(config.model, identity.device_id)
+    except Exception as error:
+        log.error("cannot load the %s engine from %s: %s", config.model.engine, config.model.path, error)
+        return 1
+    log.info("engine ready: model %s, context %d tokens", engine.model_id, engine.context_size)
+    return WorkerService(engine, identity, endpoint, config).run()
+
+
+@dataclass
+class _Generation:
+    """The request this worker is serving."""
+
+    request_id: str
+    cancel: threading.Event
+    received_at: float
+    last_progress: float
+    first_token_at: float | None = None
+    completion_tokens: int = 0
+    prompt_tokens: int = 0
+    abandoned: bool = False  # the router no longer expects its chunks
+
+
+class WorkerService:
+    def __init__(self, engine: Engine, identity: WorkerIdentity, endpoint: str, config: PoolConfig) -> None:
+        self._engine = engine
+        self._identity = identity
+        self._endpoint = endpoint
+        self._settings = config.workers
+        self._interval = config.router.heartbeat_interval_s  # until the router's Welcome says otherwise
+        self._liveness = config.router.liveness
+        self._zmq = zmq.Context()
+        self._dealer = self._open_dealer()
+        self._poller = zmq.Poller()
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._outbox: queue.SimpleQueue[pb.Chunk] = queue.SimpleQueue()
+        self._generation = GenerationThread(engine, self._deliver)
+        self._current: _Generation | None = None
+        self._registered = False
+        self._hello_due: float | None = 0.0  # when to send the next Hello; None = sent or registered
+        self._hello_sent_at: float | None = None
+        self._reconnect_delay = config.workers.reconnect_backoff_s
+        self._last_heard = 0.0
+        self._next_heartbeat = 0.0
+        self._signals: list[int] = []
+        self._stopping = False
+        self._finish_by = math.inf  # a stopping worker lets its request run until then, then cancels
+        self._exit_code: int | None = None
+
+    # ---- the loop
+
+    def run(self) -> int:
+        self._install_signal_handlers()
+        self._generation.start()
+        self._poller.register(self._dealer, zmq.POLLIN)
+        self._poller.register(self._wake_reader.fileno(), zmq.POLLIN)
+        log.info("pid %d, connecting to %s", os.getpid(), self._endpoint)
+        try:
+            while self._exit_code is None:
+                self._wait()
+                self._handle_signals()
+                self._drain_router()
+                self._drain_outbox()
+                self._on_clock(time.monotonic())
+        finally:
+            self._close()
+        log.info("stopped")
+        return self._exit_code
+
+    def _wait(self) -> None:
+        timeout_ms = max(0.0, self._next_deadline() - time.monotonic()) * 1000
+        ready = dict(self._poller.poll(math.ceil(timeout_ms)))
+        if self._wake_reader.fileno() in ready:
+            with contextlib.suppress(BlockingIOError):
+                while self._wake_reader.recv(4096):
+                    pass
+
+    def _next_deadline(self) -> float:
+        deadlines = [self._finish_by, time.monotonic() + self._interval]
+        if self._registered:
+            deadlines += [self._next_heartbeat, self._last_heard + self._silence_limit]
+        elif self._hello_sent_at is not None:
+            deadlines.append(self._hello_sent_at + self._silence_limit)
+        elif self._hello_due is not None and self._current is None:
+            deadlines.append(self._hello_due)
+        if self._current is not None:
+            deadlines.append(self._current.last_progress + self._settings.step_timeout_s)
+        return min(deadlines)
+
+    @property
+    def _silence_limit(self) -> float:
+        return self._interval * self._liveness
+
+    def _on_clock(self, now: float) -> None:
+        current = self._current
+        if current is not None and now - current.last_progress > self._settings.step_timeout_s:
+            self._give_up_on_hung_engine(current)
+            return
+        if self._stopping:
+            self._continue_stopping(now)
+            if self._exit_code is not None or current is None:
+                return
+        # Heartbeats go on while a stopping worker finishes its request, or the router would drop it.
+        if self._registered:
+            if now - self._last_heard > self._silence_limit:
+                self._reconnect(now, f"router silent for {now - self._last_heard:.1f} s")
+            elif now >= self._next_heartbeat:
+                busy = current.request_id if current and not current.abandoned else ""
+                self._send(pb.Heartbeat(busy_request_id=busy))
+                self._next_heartbeat = now + self._interval
+        elif self._hello_sent_at is not None:
+            if now - self._hello_sent_at > self._silence_limit:
+                self._reconnect(now, f"no Welcome {now - self._hello_sent_at:.1f} s after Hello")
+        elif (
+            self._hello_due is not None and now >= self._hello_due and current is None and not self._stopping
+        ):
+            self._send_hello(now)
+
+    # ---- registration
+
+    def _send_hello(self, now: float) -> None:
+        self._send(
+            pb.Hello(
+                protocol_version=wire.PROTOCOL_VERSION,
+                worker_id=self._identity.worker_id,
+                device_id=self._identity.device_id,
+                model_id=self._engine.model_id,
+                context_size=self._engine.context_size,
+                pid=os.getpid(),
+            )
+        )
+        self._hello_sent_at = now
+        self._hello_due = None
+
+    def _on_welcome(self, welcome: pb.Welcome, now: float) -> None:
+        if welcome.heartbeat_interval_ms > 0:
+            self._interval = welcome.heartbeat_interval_ms / 1000
+        if welcome.liveness > 0:
+            self._liveness = welcome.liveness
+        if not self._registered:
+            log.info(
+                "registered with the router (heartbeat %.2f s, liveness %d)", self._interval, self._liveness
+            )
+        self._registered = True
+        self._hello_sent_at = None
+        self._hello_due = None
+        self._reconnect_delay = self._settings.reconnect_backoff_s
+        self._next_heartbeat = now
+
+    def _reconnect(self, now: float, reason: str) -> None:
+        """Paranoid Pirate: a fresh socket drops whatever was queued for the dead connection."""
+        log.warning("%s; reconnecting to %s in %.2f s", reason, self._endpoint, self._reconnect_delay)
+        self._abandon(reason)
+        self._poller.unregister(self._dealer)
+        self._dealer.close(linger=0)
+        self._dealer = self._open_dealer()
+        self._poller.register(self._dealer, zmq.POLLIN)
+        self._registered = False
+        self._hello_sent_at = None
+        self._hello_due = now + self._reconnect_delay
+        self._reconnect_delay = min(self._reconnect_delay * 2, self._settings.reconnect_backoff_max_s)
+
+    def _on_disconnect(self, reason: str, now: float) -> None:
+        if self._hello_sent_at is not None:
+            # Our Hello refused (e.g. protocol version), or a stale answer to a message sent before
+            # it: either way a new Hello, after a backoff, so a refusal cannot make the two spin.
+            log.warning(
+                "a Disconnect while waiting for the Welcome (%s); a new Hello in %.2f s",
+                reason,
+                self._reconnect_delay,
+            )
+            self._hello_sent_at = None
+            self._hello_due = now + self._reconnect_delay
+            self._reconnect_delay = min(self._reconnect_delay * 2, self._settings.reconnect_backoff_max_s)
+            return
+        log.warning("the router disconnected this worker (%s); registering again", reason)
+        self._abandon("the router disconnected this worker")
+        self._registered = False
+        self._hello_due = now  # sent as soon as the abandoned generation has stopped
+
+    def _open_dealer(self) -> zmq.Socket:
+        dealer = self._zmq.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.ROUTING_ID, self._identity.worker_id.encode())
+        dealer.setsockopt(zmq.MAXMSGSIZE, wire.MAX_FRAME_BYTES)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(self._endpoint)
+        return dealer
+
+    # ---- messages from the router
+
+    def _drain_router(self) -> None:
+        while True:
+            try:
+                frames = self._dealer.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            now = time.monotonic()
+            self._last_heard = now
+            if len(frames) != 1:
+                log.warning("dropped a message of %d frames from the router (expected 1)", len(frames))
+                continue
+            try:
+                kind, message = wire.unpack(frames[0])
+            except wire.WireError as error:
+                log.warning("dropped a bad frame from the router: %s", error)
+                continue
+            self._on_message(kind, message, now)
+
+    def _on_message(self, kind: str, message: object, now: float) -> None:
+        if kind == "welcome":
+            self._on_welcome(message, now)
+        elif kind == "generate":
+            self._on_generate(message, now)
+        elif kind == "cancel":
+            self._on_cancel(message)
+        elif kind == "disconnect":
+            self._on_disconnect(message.reason or "no reason given", now)
+        elif kind != "heartbeat":
+            log.warning("dropped an unexpected %s message from the router", kind)
+
+    def _on_generate(self, generate: pb.Generate, now: float) -> None:
+        request_id = generate.request_id
+        if not request_id:
+            log.warning("dropped a Generate without a request id")
+        elif self._current is not None:
+            busy_with = self._current.request_id
+            log.warning("request %s: refused, busy with request %s", request_id, busy_with)
+            message = f"worker {self._identity.worker_id} is busy with request {busy_with}"
+            self._send(error_chunk(request_id, pb.ERROR_ENGINE, message))
+        else:
+            cancel = threading.Event()
+            self._current = _Generation(request_id, cancel, received_at=now, last_progress=now)
+            log.info("request %s: started (%d turns)", request_id, len(generate.history))
+            self._generation.submit(Job(request_id, chat_request(generate), cancel))
+
+    def _on_cancel(self, cancel: pb.Cancel) -> None:
+        current = self._current
+        if current is not None and current.request_id == cancel.request_id and not current.abandoned:
+            log.info("request %s: cancel received", cancel.request_id)
+            current.cancel.set()
+        else:
+            log.info("request %s: cancel for a request not running here, ignored", cancel.request_id)
+
+    # ---- chunks from the generation thread
+
+    def _deliver(self, chunk: pb.Chunk) -> None:
+        """Called on the generation thread: queue the chunk and wake the loop."""
+        self._outbox.put(chunk)
+        with contextlib.suppress(BlockingIOError):  # full: the loop has wake-ups pending already
+            self._wake_writer.send(b"\0")
+
+    def _drain_outbox(self) -> None:
+        while True:
+            try:
+                chunk = self._outbox.get_nowait()
+            except queue.Empty:
+                return
+            self._on_chunk(chunk, time.monotonic())
+
+    def _on_chunk(self, chunk: pb.Chunk, now: float) -> None:
+        current = self._current
+        if current is None or current.request_id != chunk.request_id:
+            log.error("request %s: chunk from the generation thread for no current request", chunk.request_id)
+            return
+        current.last_progress = now
+        if chunk.completion_tokens > current.completion_tokens and current.first_token_at is None:
+            current.first_token_at = now
+        current.completion_tokens = chunk.completion_tokens
+        current.prompt_tokens = chunk.prompt_tokens
+        if not current.abandoned:
+            self._send(chunk)
+        if chunk.finish_reason != pb.FINISH_NONE:
+            self._current = None
+            _log_completion(current, chunk, now)
+
+    def _abandon(self, reason: str) -> None:
+        current = self._current
+        if current is not None and not current.abandoned:
+            log.warning("request %s: abandoned (%s)", current.request_id, reason)
+            current.abandoned = True
+            current.cancel.set()
+
+    # ---- stopping
+
+    def _install_signal_handlers(self) -> None:
+        self._wake_reader.setblocking(False)
+        self._wake_writer.setblocking(False)
+        signal.set_wakeup_fd(self._wake_writer.fileno(), warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda received, _frame: self._signals.append(received))
+
+    def _handle_signals(self) -> None:
+        while self._signals:
+            name = signal.Signals(self._signals.pop(0)).name
+            if not self._stopping:
+                self._stopping = True
+                self._finish_by = time.monotonic() + self._settings.stop_grace_s / 2
+                log.info("%s: stopping once the current request (if any) is done", name)
+            elif self._current is not None:
+                log.info("%s again: cancelling request %s now", name, self._current.request_id)
+                self._current.cancel.set()
+
+    def _continue_stopping(self, now: float) -> None:
+        current = self._current
+        if current is None:
+            self._send(pb.Disconnect(reason="worker stopping"))
+            self._exit_code = 0
+        elif now >= self._finish_by and not current.cancel.is_set():
+            log.info("request %s: cancelled, the stop grace period is over", current.request_id)
+            current.cancel.set()
+
+    def _give_up_on_hung_engine(self, current: _Generation) -> None:
+        """A step that never returns cannot be interrupted: report it and let the supervisor restart us."""
+        limit = self._settings.step_timeout_s
+        log.error(
+            "request %s: the engine made no progress for %.0f s (step_timeout_s); exiting",
+            current.request_id,
+            limit,
+        )
+        if not current.abandoned:
+            message = f"the engine step did not finish within {limit:.0f} s; worker restarting"
+            self._send(
+                error_chunk(
+                    current.request_id,
+                    pb.ERROR_ENGINE,
+                    message,
+                    current.completion_tokens,
+                    current.prompt_tokens,
+                )
+            )
+        self._send(pb.Disconnect(reason="engine hung"))
+        self._exit_code = EXIT_ENGINE_HUNG
+
+    def _send(self, message: object) -> None:
+        try:
+            self._dealer.send(wire.pack(message), zmq.NOBLOCK)
+        except zmq.Again:  # the router is not reading: a heartbeat or chunk it will never miss
+            log.warning(
+                "dropped an outgoing %s: the router is not accepting messages", type(message).__name__
+            )
+
+    def _close(self) -> None:
+        signal.set_wakeup_fd(-1)
+        # The generation thread owns no socket, so a thread stuck in the engine cannot block term().
+        self._generation.stop(timeout=1.0)
+        self._dealer.close(linger=_SHUTDOWN_FLUSH_MS)
+        self._zmq.term()  # delivers the last messages (up to the linger time)
+        self._wake_reader.close()
+        self._wake_writer.close()
+
+
+def _log_completion(generation: _Generation, final: pb.Chunk, now: float) -> None:
+    outcome = pb.FinishReason.Name(final.finish_reason).removeprefix("FINISH_").lower()
+    if final.error_kind != pb.ERROR_NONE:
+        kind = pb.ErrorKind.Name(final.error_kind).removeprefix("ERROR_").lower()
+        outcome = f"{outcome} ({kind}: {final.error_message})"
+    if generation.abandoned:
+        outcome += ", abandoned"
+    tokens = final.completion_tokens
+    first_token = (
+        "-"
+        if generation.first_token_at is None
+        else f"{generation.first_token_at - generation.received_at:.3f} s"
+    )
+    decode_time = now - (generation.first_token_at or now)
+    rate = (tokens - 1) / decode_time if tokens > 1 and decode_time > 0 else 0.0
+    log.info(
+        "request %s: done, %s; prompt %d tokens, %d tokens, first token after %s, %.1f tokens/s, %.3f s",
+        generation.request_id,
+        outcome,
+        final.prompt_tokens,
+        tokens,
+        first_token,
+        rate,
+        now - generation.received_at,
+    )
