@@ -1,0 +1,79 @@
+"""Run the router alone: `python -m router --config configs/default.yaml`.
+
+SIGTERM or SIGINT starts a graceful drain (health NOT_SERVING, new calls UNAVAILABLE, open calls
+finish up to router.drain_timeout_s), then the process exits 0. It exits 1 if the config is bad,
+an address cannot be bound, or one of the router's loops dies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import signal
+import sys
+
+from common.config import ConfigError, PoolConfig, load_config
+from router.server import RouterServer
+from router.validation import RequestLimits
+
+
+def main() -> int:
+    args = _parse_args()
+    logging.basicConfig(
+        level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        config = load_config(args.config) if args.config else PoolConfig()
+    except ConfigError as error:
+        logging.getLogger("router").error("bad config: %s", error)
+        return 1
+    overrides = {
+        key: value
+        for key, value in (("listen", args.listen), ("zmq_bind", args.zmq_bind))
+        if value is not None
+    }
+    config = dataclasses.replace(config, router=dataclasses.replace(config.router, **overrides))
+    try:
+        return asyncio.run(_serve(config))
+    except OSError as error:
+        logging.getLogger("router").error("%s", error)
+        return 1
+
+
+async def _serve(config: PoolConfig) -> int:
+    limits = RequestLimits(
+        max_request_bytes=config.router.max_request_bytes, max_new_tokens=config.model.context_size
+    )
+    server = RouterServer(config.router, limits)
+    await server.start()
+    stop_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop_requested.set)
+    stopped = asyncio.create_task(stop_requested.wait())
+    failed = asyncio.create_task(server.failed.wait())
+    await asyncio.wait((stopped, failed), return_when=asyncio.FIRST_COMPLETED)
+    if server.failed.is_set():
+        stopped.cancel()
+        await server.stop()
+        return 1
+    failed.cancel()
+    await server.drain()
+    return 0
+
+
+def _parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m router", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="pool YAML config (default: the built-in defaults)")
+    parser.add_argument("--listen", help="gRPC address, overrides router.listen (e.g. 127.0.0.1:0)")
+    parser.add_argument(
+        "--zmq-bind", help="worker endpoint, overrides router.zmq_bind (e.g. tcp://127.0.0.1:*)"
+    )
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

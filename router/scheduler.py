@@ -1,0 +1,216 @@
+"""Queueing and dispatch: which request runs on which worker, and what happens when things go wrong.
+
+- A bounded FIFO queue; a request arriving when it is full fails with RESOURCE_EXHAUSTED.
+- Dispatch runs whenever a request arrives, a worker registers or a worker finishes: the head of
+  the queue goes to the least recently used idle worker, until one of the two runs out. So no
+  worker idles while a request waits, and a worker runs one request at a time.
+- A request that waits longer than queue_timeout_s, or than its gRPC deadline, fails with
+  DEADLINE_EXCEEDED and never reaches a worker.
+- A chunk is relayed only if it belongs to the request its worker is running; anything else
+  (stale, unknown, another worker's) is logged and dropped.
+- When the client goes away the worker gets a Cancel and stays busy until it confirms with a
+  final chunk; a worker that does not confirm within the liveness window is dropped as lost.
+- A request on a lost worker (or one the worker cancelled on its own) whose client has been
+  handed nothing yet is run again, once, ahead of the queue; otherwise it fails with UNAVAILABLE
+  and a message naming the worker and the cause.
+
+All counts the snapshot (and later the metrics) report are kept here and in the registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import grpc
+
+from protos import worker_pb2
+from router.job import Job
+from router.workers import WorkerRecord, WorkerRegistry
+
+log = logging.getLogger(__name__)
+
+# A request runs on at most this many workers: the first and one re-dispatch after a lost worker.
+MAX_ATTEMPTS = 2
+
+
+class QueueFull(Exception):
+    """The queue is at its bound: the caller answers RESOURCE_EXHAUSTED."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Internal counts at one moment, for tests and metrics."""
+
+    queued: int  # accepted, waiting for a worker
+    running: int  # on a worker, including those whose cancel is not confirmed yet
+    open_calls: int  # accepted calls whose client side has not ended
+    workers_idle: int
+    workers_busy: int
+    workers_lost: int
+
+
+class Scheduler:
+    def __init__(self, registry: WorkerRegistry, queue_size: int, queue_timeout_s: float) -> None:
+        self._registry = registry
+        self._queue_size = queue_size
+        self._queue_timeout_s = queue_timeout_s
+        self._queue: OrderedDict[str, Job] = OrderedDict()
+        self._running: dict[bytes, Job] = {}  # by worker identity
+        self._open: dict[str, Job] = {}
+        self._all_closed = asyncio.Event()
+        self._all_closed.set()
+        registry.set_listener(self)
+
+    def snapshot(self) -> Snapshot:
+        registry = self._registry
+        return Snapshot(
+            queued=len(self._queue),
+            running=len(self._running),
+            open_calls=len(self._open),
+            workers_idle=registry.idle_count,
+            workers_busy=registry.ready_count - registry.idle_count,
+            workers_lost=registry.lost_count,
+        )
+
+    # -- the client side -------------------------------------------------------------------------
+
+    def submit(self, generate: worker_pb2.Generate, grpc_time_left_s: float | None) -> Job:
+        """Accept a validated request (raises QueueFull) and dispatch it if a worker is idle."""
+        if len(self._queue) >= self._queue_size:
+            raise QueueFull(
+                f"the queue is full ({self._queue_size} requests waiting for a worker): retry later"
+            )
+        job = Job(secrets.token_hex(8), generate)
+        generate.request_id = job.request_id
+        self._open[job.request_id] = job
+        self._all_closed.clear()
+        self._enqueue(job, grpc_time_left_s)
+        self._dispatch()
+        return job
+
+    def close(self, job: Job) -> None:
+        """The client side of a call ended (answered, failed, cancelled or disconnected)."""
+        self._open.pop(job.request_id, None)
+        if not self._open:
+            self._all_closed.set()
+        if self._queue.pop(job.request_id, None) is not None:
+            _cancel_timer(job)
+            job.fail(grpc.StatusCode.CANCELLED, "the client went away")
+        elif job.worker is not None and self._running.get(job.worker.identity) is job:
+            job.abandoned = True
+            self._cancel_on_worker(job, job.worker)
+
+    async def wait_all_closed(self) -> None:
+        await self._all_closed.wait()
+
+    def fail_all(self, code: grpc.StatusCode, message: str) -> None:
+        """End every open call with a status (used when a drain times out)."""
+        for job in list(self._open.values()):
+            job.fail(code, message)
+
+    # -- the worker side (RegistryListener) -------------------------------------------------------
+
+    def worker_ready(self, worker: WorkerRecord) -> None:
+        self._dispatch()
+
+    def worker_lost(self, worker: WorkerRecord, cause: str) -> None:
+        job = self._running.pop(worker.identity, None)
+        if job is None:
+            return
+        _cancel_timer(job)
+        if not job.abandoned:
+            self._recover(job, f"worker {worker.worker_id} was lost ({cause})")
+        self._dispatch()
+
+    def chunk(self, worker: WorkerRecord, chunk: worker_pb2.Chunk) -> None:
+        job = self._running.get(worker.identity)
+        if job is None or job.request_id != chunk.request_id:
+            log.warning(
+                "dropped a chunk for request %r from worker %s: it is running %s",
+                chunk.request_id,
+                worker.worker_id,
+                repr(job.request_id) if job else "nothing",
+            )
+            return
+        final = chunk.finish_reason != worker_pb2.FINISH_NONE or chunk.error_kind != worker_pb2.ERROR_NONE
+        if final:
+            self._finish_on(worker, job)
+        if job.abandoned:
+            return
+        if chunk.finish_reason == worker_pb2.FINISH_CANCELLED:
+            self._recover(job, f"worker {worker.worker_id} cancelled the generation on its own")
+            self._dispatch()
+            return
+        job.push(chunk)
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _enqueue(self, job: Job, grpc_time_left_s: float | None, *, front: bool = False) -> None:
+        self._queue[job.request_id] = job
+        if front:
+            self._queue.move_to_end(job.request_id, last=False)
+        wait_s, reason = self._queue_timeout_s, f"the queue timeout ({self._queue_timeout_s:g} s)"
+        if grpc_time_left_s is not None and grpc_time_left_s < wait_s:
+            wait_s, reason = grpc_time_left_s, "the call's deadline"
+        job.timer = asyncio.get_running_loop().call_later(max(wait_s, 0.0), self._expire, job, reason)
+
+    def _expire(self, job: Job, reason: str) -> None:
+        job.timer = None
+        if self._queue.pop(job.request_id, None) is not None:
+            job.fail(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no worker became free before {reason}: the request was not started",
+            )
+
+    def _dispatch(self) -> None:
+        queue, registry = self._queue, self._registry
+        while queue:
+            worker = registry.take_idle()
+            if worker is None:
+                return
+            _, job = queue.popitem(last=False)
+            _cancel_timer(job)
+            job.worker = worker
+            job.attempts += 1
+            self._running[worker.identity] = job
+            registry.send(worker, job.generate)
+
+    def _finish_on(self, worker: WorkerRecord, job: Job) -> None:
+        """The worker ended its generation: free it for the next request."""
+        del self._running[worker.identity]
+        _cancel_timer(job)
+        self._registry.release(worker)
+        self._dispatch()
+
+    def _cancel_on_worker(self, job: Job, worker: WorkerRecord) -> None:
+        self._registry.send(worker, worker_pb2.Cancel(request_id=job.request_id))
+        limit_s = self._registry.silence_limit_s
+        job.timer = asyncio.get_running_loop().call_later(limit_s, self._cancel_overdue, job, worker, limit_s)
+
+    def _cancel_overdue(self, job: Job, worker: WorkerRecord, limit_s: float) -> None:
+        job.timer = None
+        if self._running.get(worker.identity) is job:
+            self._registry.drop(
+                worker, f"it did not confirm the cancel of request {job.request_id} in {limit_s:g} s"
+            )
+
+    def _recover(self, job: Job, cause: str) -> None:
+        """Run the job again if its client has seen nothing and it has a try left; else fail it."""
+        if job.done:
+            return  # already failed by the router (a drain that timed out)
+        if not job.delivered and job.attempts < MAX_ATTEMPTS:
+            log.warning("request %s will run again: %s", job.request_id, cause)
+            job.restart()
+            self._enqueue(job, None, front=True)
+        else:
+            job.fail(grpc.StatusCode.UNAVAILABLE, f"{cause} while serving this request")
+
+
+def _cancel_timer(job: Job) -> None:
+    if job.timer is not None:
+        job.timer.cancel()
+        job.timer = None

@@ -1,0 +1,177 @@
+"""The router process assembled: gRPC server, health, reflection, worker socket and scheduler.
+
+RouterServer owns the pieces and their lifetimes. Health (`grpc.health.v1`, for the overall
+server "" and for "InferenceService") is SERVING while at least one worker is registered and
+NOT_SERVING with none or once draining has begun. Reflection lists the inference, health and
+reflection services, so grpcurl can discover and call them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Coroutine
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from common.config import RouterConfig
+from protos import inference_pb2, inference_pb2_grpc
+from router.scheduler import Scheduler, Snapshot
+from router.service import InferenceServicer
+from router.transport import Transport
+from router.validation import RequestLimits
+from router.workers import WorkerRegistry
+
+log = logging.getLogger(__name__)
+
+INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+# The gRPC layer's own size limit sits a little above max_request_bytes: requests between the two
+# reach validation and get a clear INVALID_ARGUMENT, anything bigger is cut off by gRPC itself.
+GRPC_MESSAGE_HEADROOM_BYTES = 64 << 10
+# After a drain (or its timeout), calls still open get this long to deliver their last status.
+STOP_GRACE_S = 1.0
+
+
+class RouterServer:
+    def __init__(self, config: RouterConfig, limits: RequestLimits) -> None:
+        self._config = config
+        self._limits = limits
+        self._draining = False
+        self._stopped = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._transport: Transport | None = None
+        self._server: grpc.aio.Server | None = None
+        self.failed = asyncio.Event()  # a background loop died: the process should exit
+        self.grpc_port = 0
+        self.zmq_endpoint = ""
+
+    async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        config = self._config
+        self._transport = Transport(config.zmq_bind)
+        self.zmq_endpoint = self._transport.endpoint
+        self._registry = WorkerRegistry(self._transport, config.heartbeat_interval_s, config.liveness)
+        self._scheduler = Scheduler(self._registry, config.queue_size, config.queue_timeout_s)
+        self._health = health_aio.HealthServicer()
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._server = self._build_grpc_server()
+        self.grpc_port = _bind(self._server, config.listen)
+        await self._server.start()
+        self._spawn(self._transport.run(self._registry.receive), "worker socket")
+        self._spawn(self._registry.run_heartbeats(), "heartbeats")
+        self._spawn(self._follow_health(), "health")
+        log.info(
+            "serving gRPC on port %d (%s), workers connect to %s",
+            self.grpc_port,
+            config.listen,
+            self.zmq_endpoint,
+        )
+
+    def snapshot(self) -> Snapshot:
+        return self._scheduler.snapshot()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    async def drain(self) -> None:
+        """Stop accepting calls, let open ones finish (up to drain_timeout_s), then stop."""
+        self._draining = True
+        await self._health.enter_graceful_shutdown()
+        timeout_s = self._config.drain_timeout_s
+        log.info("draining: %d open calls, waiting up to %g s", self.snapshot().open_calls, timeout_s)
+        try:
+            await asyncio.wait_for(self._scheduler.wait_all_closed(), timeout_s)
+        except TimeoutError:
+            log.warning("drain timeout: ending %d open calls", self.snapshot().open_calls)
+            self._scheduler.fail_all(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the router shut down: its drain timeout ({timeout_s:g} s) ran out",
+            )
+        await self.stop()
+
+    async def stop(self) -> None:
+        """Stop at once: open calls are cut after a short grace, the worker socket is closed."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._server is not None:
+            await self._server.stop(STOP_GRACE_S)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._transport is not None:
+            self._transport.close()
+        log.info("router stopped")
+
+    def _build_grpc_server(self) -> grpc.aio.Server:
+        server = grpc.aio.server(
+            options=[
+                (
+                    "grpc.max_receive_message_length",
+                    self._limits.max_request_bytes + GRPC_MESSAGE_HEADROOM_BYTES,
+                ),
+                ("grpc.so_reuseport", 0),  # a second router on the same port must fail, not share it
+            ]
+        )
+        servicer = InferenceServicer(self._scheduler, self._limits, lambda: self._draining)
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (
+                INFERENCE_SERVICE,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        return server
+
+    async def _follow_health(self) -> None:
+        changed = self._registry.changed
+        while True:
+            await changed.wait()
+            changed.clear()
+            serving = self._registry.ready_count > 0
+            await self._set_health(
+                health_pb2.HealthCheckResponse.SERVING
+                if serving
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        for service in ("", INFERENCE_SERVICE):
+            await self._health.set(service, status)
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coroutine, name=name)
+        task.add_done_callback(self._on_task_done)
+        self._tasks.append(task)
+
+    def _on_task_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.critical("the router's %s loop died", task.get_name(), exc_info=task.exception())
+            self.failed.set()
+
+
+def _bind(server: grpc.aio.Server, address: str) -> int:
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as error:
+        raise OSError(f"cannot listen for gRPC on {address}: {error}") from error
+    if port == 0:
+        raise OSError(f"cannot listen for gRPC on {address}")
+    return port

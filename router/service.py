@@ -1,0 +1,147 @@
+"""The public InferenceService: StreamComplete and Complete on top of the scheduler.
+
+What a client gets, case by case (StreamComplete and Complete alike unless said):
+
+- invalid request (the router's checks): INVALID_ARGUMENT, the message names the problem
+- router draining: UNAVAILABLE
+- queue full: RESOURCE_EXHAUSTED
+- no worker free before queue_timeout_s or the call's deadline: DEADLINE_EXCEEDED
+- the worker refuses the request (ERROR_INVALID_REQUEST): INVALID_ARGUMENT, the worker's message
+- engine error (ERROR_ENGINE) before any frame was sent: INTERNAL, the worker's message
+- engine error after frames were sent (streams only: Complete sends nothing before the end):
+  the text still pending, then a last frame with finished = true, finish_reason = ERROR and
+  output_text = the worker's message; the call ends with status OK
+- worker lost before anything was sent: the request runs again on another worker, once, and
+  the client does not notice
+- worker lost after frames were sent, or lost a second time: UNAVAILABLE, the message names the
+  worker and the cause
+
+The rule behind it: a client that has received nothing gets a status; a stream already under way
+ends in band, so the client keeps the text it has and reads why it stopped, unless the worker
+vanished (then the stream is cut: UNAVAILABLE). An error a worker reports with
+ERROR_INVALID_REQUEST after frames were sent is treated as an engine error.
+
+Streamed frames: token_usage grows strictly from frame to frame (only the final frame may repeat
+the count, when the worker's last chunk adds no token); create_time is the worker's clock when
+the oldest text in the frame was made (the router's clock if the worker did not stamp it), so a
+client on the same host can measure the router's added latency. Complete answers with one
+Completion holding the whole text, the final counts, finished = true and create_time = when the
+answer was complete.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from protos import inference_pb2, inference_pb2_grpc, worker_pb2
+from router.job import Job, JobFailed, Update
+from router.scheduler import QueueFull, Scheduler
+from router.validation import RequestLimits, ValidationError, validate
+
+_FINISH_REASONS = {
+    worker_pb2.FINISH_NONE: inference_pb2.UNKNOWN,
+    worker_pb2.FINISH_STOP: inference_pb2.STOP,
+    worker_pb2.FINISH_LENGTH: inference_pb2.LENGTH,
+    worker_pb2.FINISH_ERROR: inference_pb2.ERROR,
+}
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
+    def __init__(self, scheduler: Scheduler, limits: RequestLimits, is_draining: Callable[[], bool]) -> None:
+        self._scheduler = scheduler
+        self._limits = limits
+        self._is_draining = is_draining
+
+    async def StreamComplete(
+        self, request: inference_pb2.CompletionRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[inference_pb2.Completion]:
+        job = await self._admit(request, context)
+        try:
+            frames_sent = 0
+            while True:
+                update = await _next_update(job, context)
+                if update.error_kind != worker_pb2.ERROR_NONE:
+                    if frames_sent == 0:
+                        await context.abort(_error_status(update), update.error_message)
+                    if update.text:
+                        yield _completion(job, update, final=False)
+                    yield _error_completion(job, update)
+                    return
+                yield _completion(job, update, final=update.final)
+                frames_sent += 1
+                if update.final:
+                    return
+        finally:
+            self._scheduler.close(job)
+
+    async def Complete(
+        self, request: inference_pb2.CompletionRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.Completion:
+        job = await self._admit(request, context)
+        try:
+            try:
+                update = await job.result()
+            except JobFailed as failure:
+                await context.abort(failure.code, failure.message)
+            if update.error_kind != worker_pb2.ERROR_NONE:
+                await context.abort(_error_status(update), update.error_message)
+            completion = _completion(job, update, final=True)
+            completion.create_time.FromNanoseconds(time.time_ns())
+            return completion
+        finally:
+            self._scheduler.close(job)
+
+    async def _admit(
+        self, request: inference_pb2.CompletionRequest, context: grpc.aio.ServicerContext
+    ) -> Job:
+        if self._is_draining():
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                "the router is shutting down (draining): retry elsewhere or later",
+            )
+        try:
+            generate = validate(request, self._limits)
+        except ValidationError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        try:
+            return self._scheduler.submit(generate, context.time_remaining())
+        except QueueFull as error:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+
+
+async def _next_update(job: Job, context: grpc.aio.ServicerContext) -> Update:
+    try:
+        return await job.next_update()
+    except JobFailed as failure:
+        await context.abort(failure.code, failure.message)
+
+
+def _error_status(update: Update) -> grpc.StatusCode:
+    if update.error_kind == worker_pb2.ERROR_INVALID_REQUEST:
+        return grpc.StatusCode.INVALID_ARGUMENT
+    return grpc.StatusCode.INTERNAL
+
+
+def _completion(job: Job, update: Update, *, final: bool) -> inference_pb2.Completion:
+    worker = job.worker
+    completion = inference_pb2.Completion(
+        model_id=worker.model_id,
+        output_text=update.text,
+        token_usage=update.completion_tokens,
+        finished=final,
+        finish_reason=_FINISH_REASONS[update.finish_reason] if final else inference_pb2.UNKNOWN,
+        prompt_tokens=update.prompt_tokens,
+        worker_id=worker.worker_id,
+    )
+    completion.create_time.FromNanoseconds(update.created_unix_nanos or time.time_ns())
+    return completion
+
+
+def _error_completion(job: Job, update: Update) -> inference_pb2.Completion:
+    completion = _completion(job, update, final=True)
+    completion.output_text = update.error_message
+    completion.finish_reason = inference_pb2.ERROR
+    return completion

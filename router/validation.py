@@ -1,0 +1,115 @@
+"""Checks a public CompletionRequest and turns it into the internal Generate message.
+
+Everything a client can get wrong is caught here, before the request takes a queue slot, and
+reported as one ValidationError whose message names the field and the rule it broke (the
+servicer maps it to INVALID_ARGUMENT). Absent generation parameters stay absent: the worker
+applies the model's configured defaults, so the router needs to know nothing about the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from protos import inference_pb2, worker_pb2
+
+USER = 1
+ASSISTANT = 2
+ROLE_NAMES = {USER: "user", ASSISTANT: "assistant"}
+
+TEMPERATURE_MAX = 2.0
+REPETITION_PENALTY_MAX = 10.0
+MAX_STOP_STRINGS = 8
+MAX_STOP_CHARS = 256
+
+
+class ValidationError(ValueError):
+    """The request breaks a rule; the message says which field and why."""
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    max_request_bytes: int  # serialized request size
+    max_new_tokens: int  # the largest max_new_tokens a client may ask for
+
+
+def validate(request: inference_pb2.CompletionRequest, limits: RequestLimits) -> worker_pb2.Generate:
+    """Return the Generate to send to a worker (request_id left empty) or raise ValidationError."""
+    _check_size(request, limits)
+    _check_history(request.history)
+    _check_params(request, limits)
+    return _to_generate(request)
+
+
+def _check_size(request: inference_pb2.CompletionRequest, limits: RequestLimits) -> None:
+    size = request.ByteSize()
+    if size > limits.max_request_bytes:
+        raise ValidationError(
+            f"request too large: {size} bytes, the limit is {limits.max_request_bytes} bytes"
+        )
+
+
+def _check_history(history: list[inference_pb2.ChatMessage]) -> None:
+    if not history:
+        raise ValidationError("history is empty: it needs at least one user turn (role 1)")
+    for index, turn in enumerate(history):
+        if turn.role not in ROLE_NAMES:
+            raise ValidationError(
+                f"history[{index}].role is {turn.role}, an unknown role: use 1 (user) or 2 (assistant)"
+            )
+        if not turn.content.strip():
+            raise ValidationError(f"history[{index}].content is empty or only whitespace")
+    last = history[-1]
+    if last.role != USER:
+        raise ValidationError(
+            f"the last turn of history must be from the user (role 1), "
+            f"history[{len(history) - 1}] is from the {ROLE_NAMES[last.role]} (role {last.role})"
+        )
+
+
+def _check_params(request: inference_pb2.CompletionRequest, limits: RequestLimits) -> None:
+    # Written as "not (low <= x <= high)" so that NaN, which fails every comparison, is refused too.
+    if request.HasField("max_new_tokens") and not 1 <= request.max_new_tokens <= limits.max_new_tokens:
+        raise ValidationError(
+            f"max_new_tokens is {request.max_new_tokens}, it must be in 1..{limits.max_new_tokens}"
+        )
+    if request.HasField("temperature") and not 0.0 <= request.temperature <= TEMPERATURE_MAX:
+        raise ValidationError(f"temperature is {request.temperature}, it must be in [0, {TEMPERATURE_MAX:g}]")
+    if request.HasField("top_p") and not 0.0 < request.top_p <= 1.0:
+        raise ValidationError(f"top_p is {request.top_p}, it must be in (0, 1]")
+    # top_k is a uint32 in the proto: any value is valid (0 = no top-k cut).
+    if (
+        request.HasField("repetition_penalty")
+        and not 0.0 < request.repetition_penalty <= REPETITION_PENALTY_MAX
+    ):
+        raise ValidationError(
+            f"repetition_penalty is {request.repetition_penalty}, "
+            f"it must be in (0, {REPETITION_PENALTY_MAX:g}]"
+        )
+    _check_stop(request.stop)
+
+
+def _check_stop(stop: list[str]) -> None:
+    if len(stop) > MAX_STOP_STRINGS:
+        raise ValidationError(f"stop has {len(stop)} strings, at most {MAX_STOP_STRINGS} are allowed")
+    for index, text in enumerate(stop):
+        if not text:
+            raise ValidationError(f"stop[{index}] is empty")
+        if len(text) > MAX_STOP_CHARS:
+            raise ValidationError(
+                f"stop[{index}] has {len(text)} characters, at most {MAX_STOP_CHARS} are allowed"
+            )
+
+
+_OPTIONAL_PARAMS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
+
+
+def _to_generate(request: inference_pb2.CompletionRequest) -> worker_pb2.Generate:
+    generate = worker_pb2.Generate(system_message=request.system_message)
+    for turn in request.history:
+        generate.history.add(role=turn.role, content=turn.content)
+    params = generate.params
+    for name in _OPTIONAL_PARAMS:
+        if request.HasField(name):
+            setattr(params, name, getattr(request, name))
+    params.stop.extend(request.stop)
+    return generate

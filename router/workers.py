@@ -1,0 +1,259 @@
+"""The worker registry: who is connected, what state each worker is in, and whether it is alive.
+
+Registration: a worker's first message is a Hello. A Hello with another protocol version is
+refused with a Disconnect. A Hello for a worker id (or a ZeroMQ peer) that is already registered
+means the worker restarted or reconnected: the old registration is dropped as lost first. A peer
+that is not registered and sends anything but a Hello gets a Disconnect, so a worker the router
+dropped, or one talking to a restarted router, registers again at once.
+
+Liveness (Paranoid Pirate): the router sends a Heartbeat to every registered worker each
+heartbeat interval and every message from a worker counts as a sign of life. A worker silent for
+`liveness` intervals is dropped as lost and told so with a Disconnect, in case it was only hung.
+
+Idle workers are kept in least-recently-used order: the one idle the longest gets the next job,
+which spreads load and heat evenly over the devices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Protocol
+
+from google.protobuf.message import Message
+
+from common import wire
+from protos import worker_pb2
+from router.transport import Transport
+
+log = logging.getLogger(__name__)
+
+# Lost workers are remembered (for the snapshot and metrics) until they re-register; a bound
+# keeps a peer that registers under ever new ids from growing the table without end.
+MAX_LOST_RECORDS = 1024
+
+
+class WorkerState(enum.Enum):
+    IDLE = "idle"
+    BUSY = "busy"
+    LOST = "lost"
+
+
+@dataclass(eq=False, slots=True)
+class WorkerRecord:
+    identity: bytes  # ZeroMQ routing id of the worker's DEALER socket
+    worker_id: str
+    device_id: int
+    model_id: str
+    context_size: int
+    pid: int
+    state: WorkerState
+    last_seen: float  # time.monotonic() of its last message
+
+
+class RegistryListener(Protocol):
+    """What the registry tells the scheduler."""
+
+    def worker_ready(self, worker: WorkerRecord) -> None: ...
+
+    def worker_lost(self, worker: WorkerRecord, cause: str) -> None: ...
+
+    def chunk(self, worker: WorkerRecord, chunk: worker_pb2.Chunk) -> None: ...
+
+
+class WorkerRegistry:
+    def __init__(self, transport: Transport, heartbeat_interval_s: float, liveness: int) -> None:
+        self._transport = transport
+        self._interval_s = heartbeat_interval_s
+        self._liveness = liveness
+        self._listener: RegistryListener | None = None
+        self._by_identity: dict[bytes, WorkerRecord] = {}
+        self._by_worker_id: dict[str, WorkerRecord] = {}
+        self._idle: OrderedDict[bytes, WorkerRecord] = OrderedDict()  # least recently used first
+        self._lost: OrderedDict[str, WorkerRecord] = OrderedDict()
+        self._heartbeat_frame = wire.pack(worker_pb2.Heartbeat())
+        self._welcome = worker_pb2.Welcome(
+            heartbeat_interval_ms=round(heartbeat_interval_s * 1000), liveness=liveness
+        )
+        self.changed = asyncio.Event()  # set whenever a worker registers or is lost
+
+    @property
+    def silence_limit_s(self) -> float:
+        """How long a worker may stay silent (or take to confirm a cancel) before it is lost."""
+        return self._interval_s * self._liveness
+
+    def set_listener(self, listener: RegistryListener) -> None:
+        self._listener = listener
+
+    # -- counts ---------------------------------------------------------------------------------
+
+    @property
+    def ready_count(self) -> int:
+        return len(self._by_identity)
+
+    @property
+    def idle_count(self) -> int:
+        return len(self._idle)
+
+    @property
+    def lost_count(self) -> int:
+        return len(self._lost)
+
+    def workers(self) -> list[WorkerRecord]:
+        """Registered workers, then the lost ones still remembered."""
+        return [*self._by_identity.values(), *self._lost.values()]
+
+    # -- state changes driven by the scheduler ---------------------------------------------------
+
+    def take_idle(self) -> WorkerRecord | None:
+        """The least recently used idle worker, now marked busy; None if every worker is busy."""
+        if not self._idle:
+            return None
+        _, worker = self._idle.popitem(last=False)
+        worker.state = WorkerState.BUSY
+        return worker
+
+    def release(self, worker: WorkerRecord) -> None:
+        """A busy worker finished its job: it becomes the most recently used idle worker."""
+        if worker.state is WorkerState.BUSY:
+            worker.state = WorkerState.IDLE
+            self._idle[worker.identity] = worker
+
+    def drop(self, worker: WorkerRecord, cause: str, *, tell_peer: bool = True) -> None:
+        """Forget a registered worker as lost and let the scheduler recover its job.
+
+        The peer is told with a Disconnect (so a worker that was only hung registers again),
+        except when it is the one re-registering: that would make it start over once more.
+        """
+        if self._by_identity.get(worker.identity) is not worker:
+            return
+        log.warning("worker %s (device %d) lost: %s", worker.worker_id, worker.device_id, cause)
+        del self._by_identity[worker.identity]
+        del self._by_worker_id[worker.worker_id]
+        self._idle.pop(worker.identity, None)
+        worker.state = WorkerState.LOST
+        self._remember_lost(worker)
+        if tell_peer:
+            self._transport.send(worker.identity, worker_pb2.Disconnect(reason=cause))
+        self.changed.set()
+        self._require_listener().worker_lost(worker, cause)
+
+    def send(self, worker: WorkerRecord, message: Message) -> None:
+        self._transport.send(worker.identity, message)
+
+    # -- messages from peers ---------------------------------------------------------------------
+
+    def receive(self, identity: bytes, kind: str, message: Message) -> None:
+        """Handle one message from a peer on the ZeroMQ socket (the transport's callback)."""
+        if kind == "hello":
+            self._hello(identity, message)
+            return
+        worker = self._by_identity.get(identity)
+        if worker is None:
+            self._refuse_unregistered(identity, kind)
+            return
+        worker.last_seen = time.monotonic()
+        if kind == "chunk":
+            self._require_listener().chunk(worker, message)
+        elif kind == "disconnect":
+            self.drop(worker, f"it disconnected: {message.reason or 'no reason given'}")
+        elif kind != "heartbeat":
+            log.warning(
+                "dropped a %s message from worker %s: workers do not send those", kind, worker.worker_id
+            )
+
+    def _hello(self, identity: bytes, hello: worker_pb2.Hello) -> None:
+        refusal = _refusal(hello)
+        previous = self._by_identity.get(identity)
+        if previous is not None:
+            self.drop(previous, "it sent a new hello (reconnected or restarted)", tell_peer=False)
+        if refusal:
+            log.warning("refused a hello from %r: %s", hello.worker_id, refusal)
+            self._transport.send(identity, worker_pb2.Disconnect(reason=refusal))
+            return
+        namesake = self._by_worker_id.get(hello.worker_id)
+        if namesake is not None:
+            self.drop(
+                namesake, "a new process registered with the same worker id (restarted)", tell_peer=False
+            )
+        self._register(identity, hello)
+
+    def _register(self, identity: bytes, hello: worker_pb2.Hello) -> None:
+        worker = WorkerRecord(
+            identity=identity,
+            worker_id=hello.worker_id,
+            device_id=hello.device_id,
+            model_id=hello.model_id,
+            context_size=hello.context_size,
+            pid=hello.pid,
+            state=WorkerState.IDLE,
+            last_seen=time.monotonic(),
+        )
+        self._lost.pop(worker.worker_id, None)
+        self._by_identity[identity] = worker
+        self._by_worker_id[worker.worker_id] = worker
+        self._idle[identity] = worker
+        self._transport.send(identity, self._welcome)
+        log.info(
+            "worker %s registered: device %d, model %s, context %d, pid %d",
+            worker.worker_id,
+            worker.device_id,
+            worker.model_id,
+            worker.context_size,
+            worker.pid,
+        )
+        self.changed.set()
+        self._require_listener().worker_ready(worker)
+
+    def _refuse_unregistered(self, identity: bytes, kind: str) -> None:
+        if kind == "disconnect":
+            return  # it is leaving anyway; answering would only start a ping-pong
+        log.info("a %s from an unregistered peer: told it to register again", kind)
+        self._transport.send(identity, worker_pb2.Disconnect(reason="not registered: send a hello"))
+
+    def _remember_lost(self, worker: WorkerRecord) -> None:
+        self._lost[worker.worker_id] = worker
+        self._lost.move_to_end(worker.worker_id)
+        while len(self._lost) > MAX_LOST_RECORDS:
+            self._lost.popitem(last=False)
+
+    def _require_listener(self) -> RegistryListener:
+        if self._listener is None:
+            raise RuntimeError("WorkerRegistry used before set_listener()")
+        return self._listener
+
+    # -- heartbeats ------------------------------------------------------------------------------
+
+    async def run_heartbeats(self) -> None:
+        """Send heartbeats and drop silent workers, once per interval, until cancelled."""
+        while True:
+            await asyncio.sleep(self._interval_s)
+            self.check_liveness(time.monotonic())
+
+    def check_liveness(self, now: float) -> None:
+        for worker in list(self._by_identity.values()):
+            silence = now - worker.last_seen
+            if silence > self.silence_limit_s:
+                self.drop(
+                    worker,
+                    f"no message for {silence:.1f} s "
+                    f"(liveness {self._liveness} x {self._interval_s:g} s heartbeat interval)",
+                )
+            else:
+                self._transport.send_frame(worker.identity, self._heartbeat_frame)
+
+
+def _refusal(hello: worker_pb2.Hello) -> str:
+    """Why a hello cannot be accepted, or "" if it can."""
+    if hello.protocol_version != wire.PROTOCOL_VERSION:
+        return (
+            f"protocol version {hello.protocol_version} is not supported: "
+            f"this router speaks version {wire.PROTOCOL_VERSION}"
+        )
+    if not hello.worker_id:
+        return "hello without a worker_id"
+    return ""
