@@ -6,6 +6,7 @@ import threading
 from collections.abc import Iterator
 from typing import Protocol
 
+from common.config import ModelConfig
 from worker.core.request import ChatRequest, Chunk
 
 
@@ -20,3 +21,32 @@ class Engine(Protocol):
         EngineError when a step fails; the engine is ready for the next request either way.
         """
         ...
+
+
+def load_engine(model: ModelConfig, device_id: int) -> Engine:
+    """The engine `model` configures. Backends are imported only when chosen: a paced worker needs
+    no numpy model code, and only the sail backend may import sophon.sail."""
+    if model.engine == "numpy":
+        from worker.core.llm_engine import LLMEngine
+        from worker.core.model_files import load_numpy_model
+        from worker.core.numpy_graphs import NumpyGraphs
+
+        weights, tokenizer = load_numpy_model(model.path, model.tokenizer)
+        seq_len = min(model.context_size, weights.arch.max_positions)
+        return LLMEngine(NumpyGraphs(weights, seq_len), tokenizer, model.name, model.defaults)
+    if model.engine == "sail":
+        from worker.core.llm_engine import LLMEngine
+        from worker.core.sail_graphs import SailGraphs
+        from worker.core.tokenizer import load_tokenizer
+
+        if model.tokenizer is None:
+            raise ValueError(
+                "engine sail needs model.tokenizer: a token_config folder (a bmodel has no tokenizer)"
+            )
+        tokenizer = load_tokenizer(model.tokenizer)
+        return LLMEngine(SailGraphs(model.path, device_id), tokenizer, model.name, model.defaults)
+    if model.engine == "paced":
+        from worker.core.paced import PacedEngine
+
+        return PacedEngine(model)
+    raise ValueError(f"unknown engine {model.engine!r} (numpy, sail or paced)")

@@ -1,0 +1,212 @@
+"""LLMEngine end to end on a real (tiny) trained model and its tokenizer: chunks, stop strings,
+limits, context overflow, cancellation, failures and greedy-only heads."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import numpy as np
+import pytest
+
+from common.config import GenerationDefaults
+from tests.probe_graphs import ProbeGraphs
+from worker.core.checkpoint import Weights, load_hf_checkpoint
+from worker.core.driver import Generation
+from worker.core.llm_engine import LLMEngine
+from worker.core.numpy_graphs import NumpyGraphs
+from worker.core.request import (
+    ASSISTANT,
+    USER,
+    ChatRequest,
+    Chunk,
+    EngineError,
+    FinishReason,
+    RequestError,
+    SamplingParams,
+    Turn,
+)
+from worker.core.tokenizer import Tokenizer
+
+QUESTION = (Turn(USER, "Tell me a story about a cat."),)
+GREEDY = GenerationDefaults(temperature=0.0, repetition_penalty=1.0)
+
+
+@pytest.fixture(scope="module")
+def weights(fixtures_dir) -> Weights:
+    return load_hf_checkpoint(fixtures_dir / "stories260K" / "hf")
+
+
+def make_engine(weights, tokenizer, *, seq_len=256, greedy_head=False, defaults=GREEDY) -> LLMEngine:
+    return probed_engine(weights, tokenizer, seq_len=seq_len, greedy_head=greedy_head, defaults=defaults)[0]
+
+
+def probed_engine(weights, tokenizer, *, seq_len=256, greedy_head=False, defaults=GREEDY):
+    graphs = ProbeGraphs(NumpyGraphs(weights, seq_len), greedy_head=greedy_head)
+    return LLMEngine(graphs, tokenizer, "stories260K", defaults), graphs
+
+
+def ask(engine: LLMEngine, history=QUESTION, system="", cancel=None, **params) -> list[Chunk]:
+    request = ChatRequest(system, history, SamplingParams(**params))
+    return list(engine.generate(request, cancel or threading.Event()))
+
+
+def text_of(chunks: list[Chunk]) -> str:
+    return "".join(chunk.text for chunk in chunks)
+
+
+def prompt_ids(tokenizer: Tokenizer, history, system="") -> list[int]:
+    return tokenizer.encode_prompt(tokenizer.chat_template.render(system, history))
+
+
+@pytest.fixture(scope="module")
+def greedy_answer(weights, stories_tokenizer) -> str:
+    """40 greedy tokens for QUESTION, computed with the driver directly (not through LLMEngine)."""
+    graphs = NumpyGraphs(weights, 256)
+    prompt = prompt_ids(stories_tokenizer, QUESTION)
+    ids = list(
+        Generation(graphs, prompt, lambda logits, _: int(np.argmax(logits)), 40, (), threading.Event())
+    )
+    return stories_tokenizer.decode(ids)
+
+
+def test_chunks_carry_the_whole_answer_and_end_with_the_reason(weights, stories_tokenizer, greedy_answer):
+    chunks = ask(make_engine(weights, stories_tokenizer), max_new_tokens=40)
+
+    assert text_of(chunks) == greedy_answer
+    assert all(chunk.text for chunk in chunks[:-1])
+    assert [chunk.finish_reason for chunk in chunks[:-1]] == [None] * (len(chunks) - 1)
+    assert chunks[-1].finish_reason is FinishReason.LENGTH
+    assert chunks[-1].completion_tokens == 40
+    counts = [chunk.completion_tokens for chunk in chunks]
+    assert counts == sorted(counts)
+    assert {chunk.prompt_tokens for chunk in chunks} == {len(prompt_ids(stories_tokenizer, QUESTION))}
+
+
+@pytest.mark.parametrize("start", [0, 7, 15, 30])
+def test_stop_strings_cut_the_answer_exactly(weights, stories_tokenizer, greedy_answer, start):
+    stop = greedy_answer[start : start + 5]
+    assert len(stop) == 5
+    chunks = ask(make_engine(weights, stories_tokenizer), max_new_tokens=40, stop=(stop, "never seen"))
+
+    assert text_of(chunks) == greedy_answer[: greedy_answer.index(stop)]
+    assert chunks[-1].finish_reason is FinishReason.STOP
+    assert all(chunk.text for chunk in chunks[:-1])
+
+
+def test_max_new_tokens_gives_length(weights, stories_tokenizer):
+    chunks = ask(make_engine(weights, stories_tokenizer), max_new_tokens=5)
+    assert chunks[-1].finish_reason is FinishReason.LENGTH
+    assert chunks[-1].completion_tokens == 5
+
+
+def test_seeded_sampling_is_reproducible(weights, stories_tokenizer):
+    engine = make_engine(weights, stories_tokenizer)
+    sampled = [
+        text_of(ask(engine, max_new_tokens=30, temperature=0.9, top_p=0.95, seed=s)) for s in (1, 1, 2)
+    ]
+    assert sampled[0] == sampled[1]
+    assert sampled[0] != sampled[2]
+
+
+def long_conversation() -> tuple[Turn, ...]:
+    turns = []
+    for index, topic in enumerate(["dogs", "birds", "fish", "frogs"]):
+        turns.append(Turn(USER, f"Question {index}: what do {topic} like to do all day long?"))
+        turns.append(Turn(ASSISTANT, f"Answer {index}: {topic} like to play in the sun with their friends."))
+    turns.append(Turn(USER, "Last question: tell me about cats."))
+    return tuple(turns)
+
+
+def test_context_overflow_drops_the_oldest_turns_and_keeps_system_and_last_user_turn(
+    weights, stories_tokenizer
+):
+    history = long_conversation()
+    system = "You tell short stories."
+    whole = len(prompt_ids(stories_tokenizer, history, system))
+    kept_from = 4  # keep two question/answer pairs and the last question
+    fitting = len(prompt_ids(stories_tokenizer, history[kept_from:], system))
+    one_more = len(prompt_ids(stories_tokenizer, history[kept_from - 2 :], system))
+    seq_len = fitting + 16  # exactly room for MIN_ANSWER_ROOM (16) new tokens
+    assert fitting + 16 <= seq_len < one_more + 16 <= whole + 16
+    engine, graphs = probed_engine(weights, stories_tokenizer, seq_len=seq_len)
+
+    chunks = ask(engine, history=history, system=system, max_new_tokens=50)
+
+    assert chunks[-1].prompt_tokens == fitting
+    prefill_ids = graphs.named("embedding")[0].args[0][0].tolist()
+    prompt_text = stories_tokenizer.decode(prefill_ids)
+    assert system in prompt_text and "Last question: tell me about cats." in prompt_text
+    assert (
+        "Question 2:" in prompt_text and "Question 1:" not in prompt_text and "Answer 1:" not in prompt_text
+    )
+    assert chunks[-1].finish_reason is FinishReason.LENGTH
+    assert chunks[-1].completion_tokens == seq_len - fitting  # the context, not max_new_tokens, ended it
+
+
+def test_a_last_turn_too_long_for_the_context_is_refused(weights, stories_tokenizer):
+    engine, graphs = probed_engine(weights, stories_tokenizer, seq_len=64)
+    history = (Turn(USER, "Hello there."), Turn(ASSISTANT, "Hi."), Turn(USER, "word " * 80))
+    with pytest.raises(RequestError, match="exceeds the model's context of 64 tokens"):
+        ask(engine, history=history)
+    assert graphs.calls == []  # refused before running anything
+
+
+def test_cancel_stops_within_one_token(weights, stories_tokenizer):
+    engine, graphs = probed_engine(weights, stories_tokenizer)
+    cancel = threading.Event()
+    chunks = []
+    for chunk in engine.generate(ChatRequest("", QUESTION, SamplingParams(max_new_tokens=100)), cancel):
+        chunks.append(chunk)
+        cancel.set()
+
+    assert len(chunks) == 2
+    assert chunks[-1].finish_reason is FinishReason.CANCELLED
+    assert chunks[-1].completion_tokens == chunks[0].completion_tokens
+    assert len(graphs.named("embedding_cache")) == chunks[0].completion_tokens - 1
+
+
+def test_a_failing_graph_gives_engine_error_and_the_next_request_works(
+    weights, stories_tokenizer, greedy_answer
+):
+    engine, graphs = probed_engine(weights, stories_tokenizer)
+    graphs.fail_at_call = 40  # inside a decode step, after some tokens were streamed
+
+    with pytest.raises(EngineError, match="injected failure in block_cache"):
+        ask(engine, max_new_tokens=40)
+
+    assert text_of(ask(engine, max_new_tokens=40)) == greedy_answer
+
+
+def test_greedy_only_head_refuses_sampling_requests(weights, stories_tokenizer, greedy_answer, caplog):
+    with caplog.at_level(logging.WARNING):
+        engine = make_engine(weights, stories_tokenizer, greedy_head=True, defaults=GenerationDefaults())
+    assert "greedy decoding compiled in" in caplog.text
+
+    for params in ({"temperature": 0.7}, {"top_k": 40}, {"top_p": 0.5}, {"repetition_penalty": 1.2}):
+        with pytest.raises(RequestError, match="greedy decoding compiled into its bmodel"):
+            ask(engine, max_new_tokens=40, **params)
+
+    # Config defaults (temperature 0.7) do not apply; neutral explicit values are accepted.
+    assert text_of(ask(engine, max_new_tokens=40)) == greedy_answer
+    assert (
+        text_of(ask(engine, max_new_tokens=40, temperature=0.0, top_k=1, top_p=1.0, seed=5)) == greedy_answer
+    )
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+    ],
+)
+def test_invalid_parameters_are_request_errors(weights, stories_tokenizer, params, message):
+    with pytest.raises(RequestError, match=message):
+        ask(make_engine(weights, stories_tokenizer), **params)
+
+
+def test_a_conversation_must_end_with_the_user(weights, stories_tokenizer):
+    with pytest.raises(RequestError, match="end with a user turn"):
+        ask(make_engine(weights, stories_tokenizer), history=(*QUESTION, Turn(ASSISTANT, "Once upon a time")))

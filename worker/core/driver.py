@@ -1,0 +1,115 @@
+"""The one generation driver: runs any ModelGraphs (numpy or chip) from a prompt to a finish reason.
+
+It owns everything position-related: prefill (padded to seq_len with masks hiding the padding for
+static graphs, at the prompt's length for dynamic ones), decode steps with their position and mask,
+the KV-cache capacity (seq_len) and the stop conditions. Masks follow the bmodel export
+(sophon-demo `sample/Qwen`): 0 where attention is allowed, MASK_VALUE where it is not.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Collection, Iterator, Sequence
+
+import numpy as np
+
+from worker.core.graphs import MASK_VALUE, HeadKind, ModelGraphs
+from worker.core.request import FinishReason
+
+# Chooses the next token from the head's logits [V] and all tokens so far (prompt + generated).
+TokenPicker = Callable[[np.ndarray, Sequence[int]], int]
+
+
+class Generation:
+    """One generation. Iterate it for the generated token ids (end-of-sequence ids are not
+    yielded); afterwards `finish_reason` says why it ended. The cancel flag is checked before the
+    prefill and between steps, so a cancelled generation stops within one token."""
+
+    def __init__(
+        self,
+        graphs: ModelGraphs,
+        prompt_ids: Sequence[int],
+        pick: TokenPicker,
+        max_new_tokens: int,
+        eos_ids: Collection[int],
+        cancel: threading.Event,
+    ) -> None:
+        seq_len = graphs.spec.seq_len
+        if not 0 < len(prompt_ids) < seq_len:
+            raise ValueError(
+                f"prompt of {len(prompt_ids)} tokens must be 1..{seq_len - 1} (seq_len {seq_len})"
+            )
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        self._graphs = graphs
+        self._prompt = list(prompt_ids)
+        self._pick = pick
+        self._max_new_tokens = max_new_tokens
+        self._eos_ids = frozenset(eos_ids)
+        self._cancel = cancel
+        self.finish_reason: FinishReason | None = None
+
+    def __iter__(self) -> Iterator[int]:
+        tokens = list(self._prompt)
+        if self._cancel.is_set():
+            self.finish_reason = FinishReason.CANCELLED
+            return
+        head_output = self._prefill(tokens)
+        decode_mask = np.full((1, 1, 1, self._graphs.spec.seq_len + 1), MASK_VALUE, dtype=np.float32)
+        decode_mask[..., -1] = 0.0  # the new token always sees itself
+        while True:
+            token = self._choose(head_output, tokens)
+            if token in self._eos_ids:
+                self.finish_reason = FinishReason.STOP
+                return
+            tokens.append(token)
+            yield token
+            self.finish_reason = self._limit_reached(len(tokens))
+            if self.finish_reason is not None:
+                return
+            position = len(tokens) - 1
+            decode_mask[..., :position] = 0.0
+            head_output = self._decode(token, position, decode_mask)
+
+    def _limit_reached(self, total_tokens: int) -> FinishReason | None:
+        if total_tokens - len(self._prompt) >= self._max_new_tokens:
+            return FinishReason.LENGTH
+        if total_tokens >= self._graphs.spec.seq_len:
+            return FinishReason.LENGTH  # the next token would have no KV-cache row
+        if self._cancel.is_set():
+            return FinishReason.CANCELLED
+        return None
+
+    def _prefill(self, tokens: list[int]) -> np.ndarray:
+        graphs = self._graphs
+        prompt_length = len(tokens)
+        length = prompt_length if graphs.spec.is_dynamic else graphs.spec.seq_len
+        input_ids = np.zeros((1, length), dtype=np.int32)
+        input_ids[0, :prompt_length] = tokens
+        position_ids = np.zeros((1, length), dtype=np.int32)
+        position_ids[0, :prompt_length] = np.arange(prompt_length)
+        hidden = graphs.embedding(input_ids)
+        mask = prefill_mask(prompt_length, length)
+        for layer in range(graphs.spec.num_layers):
+            hidden = graphs.block(layer, hidden, position_ids, mask)
+        return graphs.lm_head(hidden, prompt_length - 1)
+
+    def _decode(self, token: int, position: int, mask: np.ndarray) -> np.ndarray:
+        graphs = self._graphs
+        hidden = graphs.embedding_cache(token)
+        for layer in range(graphs.spec.num_layers):
+            hidden = graphs.block_cache(layer, hidden, position, mask)
+        return graphs.lm_head(hidden, 0)
+
+    def _choose(self, head_output: np.ndarray, tokens: list[int]) -> int:
+        if self._graphs.spec.head is HeadKind.TOKEN_ID:
+            return int(head_output.reshape(-1)[0])
+        return self._pick(head_output, tokens)
+
+
+def prefill_mask(prompt_length: int, length: int) -> np.ndarray:
+    """[1, 1, length, length]: causal over the prompt; padding rows and columns hidden."""
+    mask = np.full((1, 1, length, length), MASK_VALUE, dtype=np.float32)
+    causal = np.tril(np.ones((prompt_length, prompt_length), dtype=bool))
+    mask[0, 0, :prompt_length, :prompt_length][causal] = 0.0
+    return mask

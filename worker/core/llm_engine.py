@@ -1,0 +1,186 @@
+"""LLMEngine: a chat request in, streamed text out, over any ModelGraphs backend.
+
+Renders the model's chat template, fits the prompt into the context (dropping the oldest turns),
+merges the request's sampling parameters with the configured defaults, runs the generation driver,
+detokenizes without splitting characters and cuts the answer at stop strings.
+
+Greedy-only bmodels (HeadKind.TOKEN_ID: top-1 compiled into lm_head) cannot sample on the host;
+a request that asks for sampling explicitly is refused with RequestError (INVALID_ARGUMENT), and
+the configured sampling defaults are not applied to them (they decode greedily).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+from common.config import GenerationDefaults
+from worker.core.detokenizer import StreamDecoder
+from worker.core.driver import Generation
+from worker.core.graphs import HeadKind, ModelGraphs
+from worker.core.request import (
+    ASSISTANT,
+    USER,
+    ChatRequest,
+    Chunk,
+    EngineError,
+    FinishReason,
+    RequestError,
+    SamplingParams,
+    Turn,
+)
+from worker.core.sampling import Sampler, SamplingConfig
+from worker.core.stop_strings import StopStringFilter
+from worker.core.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+# A prompt must leave room for at least this many new tokens (or max_new_tokens, if smaller).
+MIN_ANSWER_ROOM = 16
+
+
+@dataclass(frozen=True)
+class _Settings:
+    max_new_tokens: int
+    sampling: SamplingConfig
+    stop: tuple[str, ...]
+
+
+class LLMEngine:
+    """The Engine protocol (worker/core/engine.py) for one model; one generation at a time."""
+
+    def __init__(
+        self, graphs: ModelGraphs, tokenizer: Tokenizer, model_id: str, defaults: GenerationDefaults
+    ) -> None:
+        self.model_id = model_id
+        self.context_size = graphs.spec.seq_len
+        self._graphs = graphs
+        self._tokenizer = tokenizer
+        self._defaults = defaults
+        self._greedy_only = graphs.spec.head is HeadKind.TOKEN_ID
+        if self._greedy_only:
+            log.warning(
+                "%s: the bmodel's lm_head returns token ids (greedy decoding compiled in); requests that "
+                "ask for sampling (temperature > 0, top_k, top_p, repetition_penalty) will be refused",
+                model_id,
+            )
+
+    def generate(self, request: ChatRequest, cancel: threading.Event) -> Iterator[Chunk]:
+        settings = self._settings(request.params)
+        prompt_ids = self._fit_prompt(request, settings.max_new_tokens)
+        try:
+            yield from self._stream(prompt_ids, settings, cancel)
+        except Exception as error:
+            # The failed Generation is dropped; the next request's prefill rewrites the KV rows it
+            # uses and the masks hide (the numpy backend never reads) rows beyond them.
+            log.exception("%s: generation failed", self.model_id)
+            raise EngineError(f"generation failed: {type(error).__name__}: {error}") from error
+
+    def _stream(self, prompt_ids: list[int], settings: _Settings, cancel: threading.Event) -> Iterator[Chunk]:
+        generation = Generation(
+            self._graphs,
+            prompt_ids,
+            Sampler(settings.sampling),
+            settings.max_new_tokens,
+            self._tokenizer.eos_token_ids,
+            cancel,
+        )
+        decoder = StreamDecoder(self._tokenizer)
+        stops = StopStringFilter(settings.stop)
+        prompt_tokens, completion_tokens = len(prompt_ids), 0
+        for token in generation:
+            completion_tokens += 1
+            text = stops.push(decoder.push(token))
+            if stops.stopped:
+                yield Chunk(text, completion_tokens, prompt_tokens, FinishReason.STOP)
+                return
+            if text:
+                yield Chunk(text, completion_tokens, prompt_tokens)
+        text = stops.push(decoder.flush())
+        if stops.stopped:
+            yield Chunk(text, completion_tokens, prompt_tokens, FinishReason.STOP)
+            return
+        yield Chunk(text + stops.flush(), completion_tokens, prompt_tokens, generation.finish_reason)
+
+    def _settings(self, params: SamplingParams) -> _Settings:
+        defaults = self._defaults
+        if self._greedy_only:
+            self._refuse_sampling(params)
+            base = SamplingConfig()  # neutral: the configured sampling defaults cannot apply
+        else:
+            base = SamplingConfig(
+                defaults.temperature, defaults.top_k, defaults.top_p, defaults.repetition_penalty
+            )
+        max_new_tokens = _chosen(params.max_new_tokens, defaults.max_new_tokens)
+        if max_new_tokens < 1:
+            raise RequestError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        try:
+            sampling = SamplingConfig(
+                temperature=_chosen(params.temperature, base.temperature),
+                top_k=_chosen(params.top_k, base.top_k),
+                top_p=_chosen(params.top_p, base.top_p),
+                repetition_penalty=_chosen(params.repetition_penalty, base.repetition_penalty),
+                penalty_window=defaults.penalty_window,
+                seed=_chosen(params.seed, defaults.seed),
+            )
+        except ValueError as error:
+            raise RequestError(f"invalid sampling parameter: {error}") from None
+        return _Settings(max_new_tokens, sampling, tuple(params.stop))
+
+    def _refuse_sampling(self, params: SamplingParams) -> None:
+        asked = {
+            "temperature": params.temperature is not None and params.temperature > 0,
+            "top_k": params.top_k not in (None, 0, 1),
+            "top_p": params.top_p not in (None, 1.0),
+            "repetition_penalty": params.repetition_penalty not in (None, 1.0),
+        }
+        if any(asked.values()):
+            names = ", ".join(name for name, set_ in asked.items() if set_)
+            raise RequestError(
+                f"model {self.model_id} has greedy decoding compiled into its bmodel (lm_head returns token "
+                f"ids), so sampling cannot be applied: remove {names} from the request or use temperature 0"
+            )
+
+    def _fit_prompt(self, request: ChatRequest, max_new_tokens: int) -> list[int]:
+        """The prompt's token ids, dropping the oldest turns until it leaves room for an answer."""
+        history = request.history
+        if not history or history[-1].role != USER:
+            raise RequestError("the conversation must end with a user turn")
+        room = min(MIN_ANSWER_ROOM, max_new_tokens)
+        while True:
+            prompt_ids = self._encode(request.system_message, history)
+            if len(prompt_ids) + room <= self.context_size:
+                if len(history) < len(request.history):
+                    log.info(
+                        "%s: dropped %d oldest turns to fit the context",
+                        self.model_id,
+                        len(request.history) - len(history),
+                    )
+                return prompt_ids
+            if len(history) == 1:
+                raise RequestError(
+                    f"the prompt needs {len(prompt_ids)} tokens even with only the system message and "
+                    f"the last user turn; with room for {room} new tokens that exceeds the model's "
+                    f"context of {self.context_size} tokens"
+                )
+            history = _without_oldest_turn(history)
+
+    def _encode(self, system_message: str, history: tuple[Turn, ...]) -> list[int]:
+        text = self._tokenizer.chat_template.render(system_message, history)
+        return self._tokenizer.encode_prompt(text)
+
+
+def _chosen(requested: _T | None, default: _T) -> _T:
+    return default if requested is None else requested
+
+
+def _without_oldest_turn(history: tuple[Turn, ...]) -> tuple[Turn, ...]:
+    """Drop the oldest turn, and an assistant turn left first by it, so history starts with the user."""
+    history = history[1:]
+    while len(history) > 1 and history[0].role == ASSISTANT:
+        history = history[1:]
+    return history
