@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from protos import worker_pb2
+from router.metrics import RequestTimings
 
 if TYPE_CHECKING:
     from router.workers import WorkerRecord
@@ -70,6 +71,7 @@ class Job:
         "generate",
         "request_id",
         "timer",
+        "timings",
         "worker",
     )
 
@@ -81,6 +83,7 @@ class Job:
         self.delivered = False  # the client has been handed output: it can no longer be re-run
         self.abandoned = False  # the client went away; the worker is being told to stop
         self.timer: asyncio.TimerHandle | None = None  # queue deadline or cancel confirmation
+        self.timings = RequestTimings()  # for the metrics and the completion log line
         self._waiter: asyncio.Future[None] | None = None
         self._failure: JobFailed | None = None
         self._reset_output()

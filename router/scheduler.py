@@ -14,7 +14,8 @@
   handed nothing yet is run again, once, ahead of the queue; otherwise it fails with UNAVAILABLE
   and a message naming the worker and the cause.
 
-All counts the snapshot (and later the metrics) report are kept here and in the registry.
+All counts the snapshot and the metrics' gauges report are kept here and in the registry; request
+timings go to router/metrics.py through one-line hooks.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import grpc
 
 from protos import worker_pb2
 from router.job import Job
+from router.metrics import PoolMetrics
 from router.workers import WorkerRecord, WorkerRegistry
 
 log = logging.getLogger(__name__)
@@ -54,8 +56,11 @@ class Snapshot:
 
 
 class Scheduler:
-    def __init__(self, registry: WorkerRegistry, queue_size: int, queue_timeout_s: float) -> None:
+    def __init__(
+        self, registry: WorkerRegistry, queue_size: int, queue_timeout_s: float, metrics: PoolMetrics
+    ) -> None:
         self._registry = registry
+        self._metrics = metrics
         self._queue_size = queue_size
         self._queue_timeout_s = queue_timeout_s
         self._queue: OrderedDict[str, Job] = OrderedDict()
@@ -78,13 +83,16 @@ class Scheduler:
 
     # -- the client side -------------------------------------------------------------------------
 
-    def submit(self, generate: worker_pb2.Generate, grpc_time_left_s: float | None) -> Job:
-        """Accept a validated request (raises QueueFull) and dispatch it if a worker is idle."""
+    def submit(self, generate: worker_pb2.Generate, grpc_time_left_s: float | None, request_id: str) -> Job:
+        """Accept a validated request (raises QueueFull) and dispatch it if a worker is idle.
+
+        The job's request id is `request_id`, with a suffix if another open call has it already.
+        """
         if len(self._queue) >= self._queue_size:
             raise QueueFull(
                 f"the queue is full ({self._queue_size} requests waiting for a worker): retry later"
             )
-        job = Job(secrets.token_hex(8), generate)
+        job = Job(self._unused_request_id(request_id), generate)
         generate.request_id = job.request_id
         self._open[job.request_id] = job
         self._all_closed.clear()
@@ -145,12 +153,20 @@ class Scheduler:
             self._recover(job, f"worker {worker.worker_id} cancelled the generation on its own")
             self._dispatch()
             return
+        self._metrics.on_chunk(job, chunk)
         job.push(chunk)
 
     # -- internals -------------------------------------------------------------------------------
 
+    def _unused_request_id(self, wanted: str) -> str:
+        request_id = wanted
+        while request_id in self._open:
+            request_id = f"{wanted}-{secrets.token_hex(2)}"
+        return request_id
+
     def _enqueue(self, job: Job, grpc_time_left_s: float | None, *, front: bool = False) -> None:
         self._queue[job.request_id] = job
+        self._metrics.on_enqueue(job)
         if front:
             self._queue.move_to_end(job.request_id, last=False)
         wait_s, reason = self._queue_timeout_s, f"the queue timeout ({self._queue_timeout_s:g} s)"
@@ -176,6 +192,7 @@ class Scheduler:
             _cancel_timer(job)
             job.worker = worker
             job.attempts += 1
+            self._metrics.on_dispatch(job)
             self._running[worker.identity] = job
             registry.send(worker, job.generate)
 

@@ -3,7 +3,8 @@
 RouterServer owns the pieces and their lifetimes. Health (`grpc.health.v1`, for the overall
 server "" and for "InferenceService") is SERVING while at least one worker is registered and
 NOT_SERVING with none or once draining has begun. Reflection lists the inference, health and
-reflection services, so grpcurl can discover and call them.
+reflection services, so grpcurl can discover and call them. Prometheus metrics (router/metrics.py)
+are collected always and served over HTTP on metrics_listen when it is set.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from common.config import RouterConfig
 from protos import inference_pb2, inference_pb2_grpc
+from router.metrics import PoolMetrics
 from router.scheduler import Scheduler, Snapshot
 from router.service import InferenceServicer
 from router.transport import Transport
@@ -47,6 +49,8 @@ class RouterServer:
         self._transport: Transport | None = None
         self._server: grpc.aio.Server | None = None
         self.failed = asyncio.Event()  # a background loop died: the process should exit
+        self.metrics = PoolMetrics()
+        self.metrics_port = 0  # the HTTP metrics endpoint's port; 0 = not served
         self.grpc_port = 0
         self.zmq_endpoint = ""
 
@@ -61,8 +65,14 @@ class RouterServer:
         config = self._config
         self._transport = Transport(config.zmq_bind)
         self.zmq_endpoint = self._transport.endpoint
-        self._registry = WorkerRegistry(self._transport, config.heartbeat_interval_s, config.liveness)
-        self._scheduler = Scheduler(self._registry, config.queue_size, config.queue_timeout_s)
+        self._registry = WorkerRegistry(
+            self._transport, config.heartbeat_interval_s, config.liveness, self.metrics
+        )
+        self._scheduler = Scheduler(self._registry, config.queue_size, config.queue_timeout_s, self.metrics)
+        self.metrics.follow(self._scheduler.snapshot, self._registry.workers)
+        if config.metrics_listen is not None:
+            self.metrics_port = self.metrics.serve(config.metrics_listen)
+            log.info("serving Prometheus metrics on %s", config.metrics_listen)
         self._health = health_aio.HealthServicer()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self._server = self._build_grpc_server()
@@ -115,6 +125,7 @@ class RouterServer:
                 await task
         if self._transport is not None:
             self._transport.close()
+        await self.metrics.close()
         log.info("router stopped")
 
     def _build_grpc_server(self) -> grpc.aio.Server:
@@ -127,7 +138,7 @@ class RouterServer:
                 ("grpc.so_reuseport", 0),  # a second router on the same port must fail, not share it
             ]
         )
-        servicer = InferenceServicer(self._scheduler, self._limits, lambda: self._draining)
+        servicer = InferenceServicer(self._scheduler, self._limits, lambda: self._draining, self.metrics)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(

@@ -2,7 +2,8 @@
 
 What a client gets, case by case (StreamComplete and Complete alike unless said):
 
-- invalid request (the router's checks): INVALID_ARGUMENT, the message names the problem
+- invalid request (the router's checks), or an unusable x-request-id metadata value:
+  INVALID_ARGUMENT, the message names the problem
 - router draining: UNAVAILABLE
 - queue full: RESOURCE_EXHAUSTED
 - no worker free before queue_timeout_s or the call's deadline: DEADLINE_EXCEEDED
@@ -27,17 +28,24 @@ the oldest text in the frame was made (the router's clock if the worker did not 
 client on the same host can measure the router's added latency. Complete answers with one
 Completion holding the whole text, the final counts, finished = true and create_time = when the
 answer was complete.
+
+Every call, admitted or refused, has a request id (router/calls.py): the client's x-request-id or
+a new one. It is sent back in the initial metadata `x-request-id`, travels to the worker, and
+names the call in the one log line written at its end.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import NoReturn
 
 import grpc
 
 from protos import inference_pb2, inference_pb2_grpc, worker_pb2
+from router.calls import Call, observed_call
 from router.job import Job, JobFailed, Update
+from router.metrics import PoolMetrics
 from router.scheduler import QueueFull, Scheduler
 from router.validation import RequestLimits, ValidationError, validate
 
@@ -50,66 +58,91 @@ _FINISH_REASONS = {
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, scheduler: Scheduler, limits: RequestLimits, is_draining: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        limits: RequestLimits,
+        is_draining: Callable[[], bool],
+        metrics: PoolMetrics,
+    ) -> None:
         self._scheduler = scheduler
         self._limits = limits
         self._is_draining = is_draining
+        self._metrics = metrics
 
     async def StreamComplete(
         self, request: inference_pb2.CompletionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.Completion]:
-        job = await self._admit(request, context)
-        try:
-            frames_sent = 0
-            while True:
-                update = await _next_update(job, context)
-                if update.error_kind != worker_pb2.ERROR_NONE:
-                    if frames_sent == 0:
-                        await context.abort(_error_status(update), update.error_message)
-                    if update.text:
-                        yield _completion(job, update, final=False)
-                    yield _error_completion(job, update)
-                    return
-                yield _completion(job, update, final=update.final)
-                frames_sent += 1
-                if update.final:
-                    return
-        finally:
-            self._scheduler.close(job)
+        with observed_call("StreamComplete", context, self._metrics) as call:
+            job = await self._admit(request, context, call)
+            try:
+                await context.send_initial_metadata(call.response_metadata())
+                frames_sent = 0
+                while True:
+                    update = await _next_update(job, context)
+                    if update.error_kind != worker_pb2.ERROR_NONE:
+                        if frames_sent == 0:
+                            await context.abort(_error_status(update), update.error_message)
+                        if update.text:
+                            yield _completion(job, update, final=False)
+                        yield _error_completion(job, update)
+                        return
+                    yield _completion(job, update, final=update.final)
+                    frames_sent += 1
+                    if update.final:
+                        return
+            finally:
+                self._scheduler.close(job)
 
     async def Complete(
         self, request: inference_pb2.CompletionRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.Completion:
-        job = await self._admit(request, context)
-        try:
+        with observed_call("Complete", context, self._metrics) as call:
+            job = await self._admit(request, context, call)
             try:
-                update = await job.result()
-            except JobFailed as failure:
-                await context.abort(failure.code, failure.message)
-            if update.error_kind != worker_pb2.ERROR_NONE:
-                await context.abort(_error_status(update), update.error_message)
-            completion = _completion(job, update, final=True)
-            completion.create_time.FromNanoseconds(time.time_ns())
-            return completion
-        finally:
-            self._scheduler.close(job)
+                await context.send_initial_metadata(call.response_metadata())
+                try:
+                    update = await job.result()
+                except JobFailed as failure:
+                    await context.abort(failure.code, failure.message)
+                if update.error_kind != worker_pb2.ERROR_NONE:
+                    await context.abort(_error_status(update), update.error_message)
+                completion = _completion(job, update, final=True)
+                completion.create_time.FromNanoseconds(time.time_ns())
+                return completion
+            finally:
+                self._scheduler.close(job)
 
     async def _admit(
-        self, request: inference_pb2.CompletionRequest, context: grpc.aio.ServicerContext
+        self, request: inference_pb2.CompletionRequest, context: grpc.aio.ServicerContext, call: Call
     ) -> Job:
+        """The accepted job; a refused call ends here with its status (and its request id sent)."""
         if self._is_draining():
-            await context.abort(
+            await _refuse(
+                context,
+                call,
                 grpc.StatusCode.UNAVAILABLE,
                 "the router is shutting down (draining): retry elsewhere or later",
             )
+        if call.request_id_problem:
+            await _refuse(context, call, grpc.StatusCode.INVALID_ARGUMENT, call.request_id_problem)
         try:
             generate = validate(request, self._limits)
         except ValidationError as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            await _refuse(context, call, grpc.StatusCode.INVALID_ARGUMENT, str(error))
         try:
-            return self._scheduler.submit(generate, context.time_remaining())
+            job = self._scheduler.submit(generate, context.time_remaining(), call.request_id)
         except QueueFull as error:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+            await _refuse(context, call, grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+        call.admitted(job)
+        return job
+
+
+async def _refuse(
+    context: grpc.aio.ServicerContext, call: Call, code: grpc.StatusCode, message: str
+) -> NoReturn:
+    await context.send_initial_metadata(call.response_metadata())
+    await context.abort(code, message)
 
 
 async def _next_update(job: Job, context: grpc.aio.ServicerContext) -> Update:

@@ -28,12 +28,14 @@ from google.protobuf.message import Message
 
 from common import wire
 from protos import worker_pb2
+from router.metrics import PoolMetrics
 from router.transport import Transport
 
 log = logging.getLogger(__name__)
 
-# Lost workers are remembered (for the snapshot and metrics) until they re-register; a bound
-# keeps a peer that registers under ever new ids from growing the table without end.
+# Lost workers are remembered (for the snapshot and metrics) until they, or a worker taking their
+# place, register (see _forget_replaced); a bound keeps a peer that registers under ever new ids
+# from growing the table without end.
 MAX_LOST_RECORDS = 1024
 
 
@@ -66,8 +68,11 @@ class RegistryListener(Protocol):
 
 
 class WorkerRegistry:
-    def __init__(self, transport: Transport, heartbeat_interval_s: float, liveness: int) -> None:
+    def __init__(
+        self, transport: Transport, heartbeat_interval_s: float, liveness: int, metrics: PoolMetrics
+    ) -> None:
         self._transport = transport
+        self._metrics = metrics
         self._interval_s = heartbeat_interval_s
         self._liveness = liveness
         self._listener: RegistryListener | None = None
@@ -137,6 +142,7 @@ class WorkerRegistry:
         self._idle.pop(worker.identity, None)
         worker.state = WorkerState.LOST
         self._remember_lost(worker)
+        self._metrics.on_worker_lost(worker)
         if tell_peer:
             self._transport.send(worker.identity, worker_pb2.Disconnect(reason=cause))
         self.changed.set()
@@ -193,7 +199,7 @@ class WorkerRegistry:
             state=WorkerState.IDLE,
             last_seen=time.monotonic(),
         )
-        self._lost.pop(worker.worker_id, None)
+        self._forget_replaced(worker)
         self._by_identity[identity] = worker
         self._by_worker_id[worker.worker_id] = worker
         self._idle[identity] = worker
@@ -206,6 +212,7 @@ class WorkerRegistry:
             worker.context_size,
             worker.pid,
         )
+        self._metrics.on_worker_registered(worker)
         self.changed.set()
         self._require_listener().worker_ready(worker)
 
@@ -214,6 +221,17 @@ class WorkerRegistry:
             return  # it is leaving anyway; answering would only start a ping-pong
         log.info("a %s from an unregistered peer: told it to register again", kind)
         self._transport.send(identity, worker_pb2.Disconnect(reason="not registered: send a hello"))
+
+    def _forget_replaced(self, worker: WorkerRecord) -> None:
+        """Forget the lost worker a new registration takes the place of: the one with the same id,
+        else the lost one on the same device whose id is most like the new one's (a restarted
+        worker's default id differs only in its pid), so a worker that is gone leaves no trace."""
+        if self._lost.pop(worker.worker_id, None) is not None:
+            return
+        same_device = [lost for lost in self._lost.values() if lost.device_id == worker.device_id]
+        if same_device:
+            replaced = max(same_device, key=lambda lost: _shared_prefix(lost.worker_id, worker.worker_id))
+            del self._lost[replaced.worker_id]
 
     def _remember_lost(self, worker: WorkerRecord) -> None:
         self._lost[worker.worker_id] = worker
@@ -237,6 +255,7 @@ class WorkerRegistry:
     def check_liveness(self, now: float) -> None:
         for worker in list(self._by_identity.values()):
             silence = now - worker.last_seen
+            self._metrics.on_liveness_check(worker, silence, self._interval_s)
             if silence > self.silence_limit_s:
                 self.drop(
                     worker,
@@ -245,6 +264,14 @@ class WorkerRegistry:
                 )
             else:
                 self._transport.send_frame(worker.identity, self._heartbeat_frame)
+
+
+def _shared_prefix(first: str, second: str) -> int:
+    """How many leading characters the two strings have in common."""
+    return next(
+        (index for index, (a, b) in enumerate(zip(first, second, strict=False)) if a != b),
+        min(len(first), len(second)),
+    )
 
 
 def _refusal(hello: worker_pb2.Hello) -> str:
