@@ -42,3 +42,8 @@ def stories_tokenizer(fixtures_dir: Path) -> Tokenizer:
 def smollm2_tokenizer() -> Tokenizer:
     """The tokenizer inside the embedded default model's GGUF (byte-level BPE)."""
     return load_tokenizer(builtin_model_path())
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # `make test` runs these too; `pytest -m "not slow"` leaves them out for a quick local loop.
+    config.addinivalue_line("markers", "slow: loads a real model in several processes (seconds each)")

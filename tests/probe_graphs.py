@@ -59,6 +59,10 @@ class ProbeGraphs:
             return np.array([np.argmax(logits)], dtype=np.int32)
         return logits
 
+    def reset(self) -> None:
+        self._record("reset")
+        self.inner.reset()
+
 
 class ForcedTokens:
     """A TokenPicker that records the logits it is shown and answers with given tokens (teacher forcing)."""

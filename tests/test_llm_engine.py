@@ -166,16 +166,41 @@ def test_cancel_stops_within_one_token(weights, stories_tokenizer):
     assert len(graphs.named("embedding_cache")) == chunks[0].completion_tokens - 1
 
 
-def test_a_failing_graph_gives_engine_error_and_the_next_request_works(
-    weights, stories_tokenizer, greedy_answer
+@pytest.mark.parametrize(
+    ("fail_at_call", "step"),
+    [(3, "block"), (40, "block_cache")],  # inside the prefill; inside a decode step, after tokens streamed
+)
+def test_a_failing_graph_gives_engine_error_a_zeroed_kv_cache_and_a_fresh_next_answer(
+    weights, stories_tokenizer, greedy_answer, fail_at_call, step
 ):
     engine, graphs = probed_engine(weights, stories_tokenizer)
-    graphs.fail_at_call = 40  # inside a decode step, after some tokens were streamed
+    graphs.fail_at_call = fail_at_call
+    request = ChatRequest("", QUESTION, SamplingParams(max_new_tokens=40))
+    streamed = []
 
-    with pytest.raises(EngineError, match="injected failure in block_cache"):
-        ask(engine, max_new_tokens=40)
+    with pytest.raises(EngineError, match=rf"injected failure in {step}\b"):
+        for chunk in engine.generate(request, threading.Event()):
+            streamed.append(chunk)
 
-    assert text_of(ask(engine, max_new_tokens=40)) == greedy_answer
+    assert bool(streamed) == (step == "block_cache")
+    assert [call.graph for call in graphs.calls[fail_at_call - 1 :]] == [step, "reset"]
+    assert not graphs.inner.k_cache.any() and not graphs.inner.v_cache.any()
+    assert text_of(ask(engine, max_new_tokens=40)) == greedy_answer  # what a fresh engine answers
+
+
+def test_a_reset_that_fails_too_is_reported_with_the_first_failure(weights, stories_tokenizer, monkeypatch):
+    engine, graphs = probed_engine(weights, stories_tokenizer)
+    graphs.fail_at_call = 3
+
+    def lost_device() -> None:
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(graphs.inner, "reset", lost_device)
+    with pytest.raises(
+        EngineError,
+        match=r"injected failure in block; resetting the KV cache failed too: RuntimeError: device lost",
+    ):
+        ask(engine)
 
 
 def test_greedy_only_head_refuses_sampling_requests(weights, stories_tokenizer, greedy_answer, caplog):

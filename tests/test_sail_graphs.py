@@ -271,6 +271,84 @@ def test_a_failing_graph_is_an_engine_error(write_bmodel, sail, monkeypatch):
         graphs.embedding(np.array([PROMPT], dtype=np.int32))
 
 
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@pytest.fixture
+def device_engines(sail, monkeypatch) -> list:
+    """Every stand-in EngineLLM created from now on, to look at device memory through the sail API."""
+    created = []
+    construct = sail.EngineLLM.__init__
+
+    def remembered(self, *args: object) -> None:
+        construct(self, *args)
+        created.append(self)
+
+    monkeypatch.setattr(sail.EngineLLM, "__init__", remembered)
+    return created
+
+
+def greedy_chat_engine(bmodel: Path, tokenizer) -> LLMEngine:
+    defaults = GenerationDefaults(max_new_tokens=NEW_TOKENS, temperature=0.0, repetition_penalty=1.0)
+    return LLMEngine(SailGraphs(bmodel), tokenizer, "tiny", defaults)
+
+
+def test_a_failed_generation_leaves_zeroed_kv_buffers_and_a_fresh_next_answer(
+    write_bmodel, sail, monkeypatch, device_engines, qwen25_tokenizer
+):
+    bmodel = write_bmodel(addr_mode=1, io_dtype="bfloat16")  # the KV cache is block_cache_i's own inputs
+    engine = greedy_chat_engine(bmodel, qwen25_tokenizer)
+    fresh_answer = answer(greedy_chat_engine(bmodel, qwen25_tokenizer), GREEDY)
+    device = device_engines[0]
+    decode_steps: list[str] = []
+    process = sail.EngineLLM.process
+
+    def fail_in_the_fifth_decode_step(self, graph_name, *args):
+        if self is device and graph_name.startswith("block_cache_"):
+            decode_steps.append(graph_name)
+            if len(decode_steps) == 9:  # layer 0 of the 5th step (2 layers)
+                raise sail.SailError("injected device fault")
+        return process(self, graph_name, *args)
+
+    monkeypatch.setattr(sail.EngineLLM, "process", fail_in_the_fifth_decode_step)
+    request = ChatRequest("You are a helpful assistant.", (Turn(USER, "你好，请介绍一下你自己"),), GREEDY)
+    streamed = []
+    with pytest.raises(EngineError, match="graph block_cache_0 failed: injected device fault"):
+        for chunk in engine.generate(request, threading.Event()):
+            streamed.append(chunk)
+
+    assert streamed  # the failure came mid-generation
+    for layer in range(2):
+        kv = device.get_input_tensors(f"block_cache_{layer}")
+        assert not kv[3].asnumpy().any() and not kv[4].asnumpy().any(), layer
+    assert answer(engine, GREEDY) == fresh_answer != ""
+
+
+def test_a_host_input_a_failure_left_half_written_is_written_again(
+    write_bmodel, sail, monkeypatch, qwen25_tokenizer
+):
+    """The adapter skips copying a mask equal to the last one it wrote; after a copy failed half-way
+    the device holds neither, so reset must make the next request write it again."""
+    bmodel = write_bmodel(dynamic=False)  # every prefill mask is [1, 1, SEQ_LEN, SEQ_LEN]
+    engine = greedy_chat_engine(bmodel, qwen25_tokenizer)
+    first_answer = answer(engine, GREEDY)  # leaves this prompt's mask on the device
+    copy = sail.Tensor.update_data
+
+    def half_copied(self, data):
+        if data.shape == (1, 1, SEQ_LEN, SEQ_LEN):
+            copy(self, np.zeros_like(data))  # what a transfer cut short might leave: nothing masked
+            raise sail.SailError("injected fault while copying to the device")
+        copy(self, data)
+
+    monkeypatch.setattr(sail.Tensor, "update_data", half_copied)
+    other = ChatRequest("", (Turn(USER, "Hi"),), GREEDY)  # another length: another mask
+    with pytest.raises(EngineError, match="injected fault while copying"):
+        list(engine.generate(other, threading.Event()))
+    monkeypatch.setattr(sail.Tensor, "update_data", copy)
+
+    assert answer(engine, GREEDY) == first_answer
+
+
 def test_without_sophon_sail_the_error_says_what_is_missing(tmp_path, monkeypatch):
     if importlib.util.find_spec("sophon") is not None:
         pytest.skip("sophon-sail is installed here")
@@ -336,7 +414,9 @@ def test_every_sail_call_of_the_adapter_is_published(sail, write_bmodel, monkeyp
         monkeypatch.setattr(getattr(sail, class_name), method, recorded)
 
     for options in ({"addr_mode": 0, "dynamic": True}, {"addr_mode": 1, "lm_head": "token_id"}):
-        greedy(SailGraphs(write_bmodel(**options)))
+        graphs = SailGraphs(write_bmodel(**options))
+        greedy(graphs)
+        graphs.reset()
 
     assert {name for name, _, _ in calls} >= {
         "EngineLLM.process",

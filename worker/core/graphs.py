@@ -60,3 +60,7 @@ class ModelGraphs(Protocol):
 
     def lm_head(self, hidden: Hidden, index: int) -> np.ndarray:
         """The head on row `index` of hidden: float32 logits [V], or int32 [1] token id."""
+
+    def reset(self) -> None:
+        """Forget all cached keys/values (zero the KV cache); called after a failed generation,
+        whose last step may have stopped half-way through writing it."""

@@ -75,10 +75,21 @@ class LLMEngine:
         try:
             yield from self._stream(prompt_ids, settings, cancel)
         except Exception as error:
-            # The failed Generation is dropped; the next request's prefill rewrites the KV rows it
-            # uses and the masks hide (the numpy backend never reads) rows beyond them.
             log.exception("%s: generation failed", self.model_id)
-            raise EngineError(f"generation failed: {type(error).__name__}: {error}") from error
+            failure = f"generation failed: {type(error).__name__}: {error}"
+            self._reset_after(failure)
+            raise EngineError(failure) from error
+
+    def _reset_after(self, failure: str) -> None:
+        """Forget the KV cache of a failed generation: its last step may have stopped half-way
+        through writing it, and nothing of one request may reach the next."""
+        try:
+            self._graphs.reset()
+        except Exception as error:
+            log.exception("%s: resetting the KV cache failed", self.model_id)
+            raise EngineError(
+                f"{failure}; resetting the KV cache failed too: {type(error).__name__}: {error}"
+            ) from error
 
     def _stream(self, prompt_ids: list[int], settings: _Settings, cancel: threading.Event) -> Iterator[Chunk]:
         generation = Generation(

@@ -2,7 +2,8 @@
 
 The KV cache is two preallocated float32 arrays [layers, seq_len, kv_heads, dim] written in place:
 no per-token concatenation. A decode step attends only over cache rows 0..position, so rows left
-from an earlier (or failed) request are never read; a new prefill rewrites the rows it uses.
+from an earlier request are never read; a new prefill rewrites the rows it uses. After a failed
+generation `reset` zeroes the cache all the same, as on the chip.
 """
 
 from __future__ import annotations
@@ -65,3 +66,7 @@ class NumpyGraphs:
 
     def lm_head(self, hidden: np.ndarray, index: int) -> np.ndarray:
         return head_logits(self.weights, hidden[index])
+
+    def reset(self) -> None:
+        self.k_cache.fill(0.0)
+        self.v_cache.fill(0.0)

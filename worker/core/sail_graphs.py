@@ -72,6 +72,7 @@ class SailGraphs:
         if self._engine.get_input_num("block_0") != _LAYER_INPUTS:
             raise ValueError(f"{self._name}: compiled for several devices; a worker runs a 1-device bmodel")
         self._kv_shape = self._engine.get_input_shape("block_cache_0", 3)  # [1, seq_len, kv_heads, dim]
+        self._kv_dtype = self._engine.get_input_dtype("block_cache_0", 3)
         self._hidden_size = self._engine.get_output_shape(EMBEDDING_CACHE, 0)[-1]
         self._head_dtype = self._engine.get_output_dtype(LM_HEAD, 0)
         head = HeadKind.TOKEN_ID if self._head_dtype == self._sail.Dtype.BM_INT32 else HeadKind.LOGITS
@@ -92,6 +93,14 @@ class SailGraphs:
         self._head_row_shape = self._engine.get_input_shape(LM_HEAD, 0)  # [1, H] or [1, 1, H]
         self._head_output = self._output_buffer(LM_HEAD)
         self._kv = [self._kv_cache(layer) for layer in range(num_layers)]
+        self._host_inputs = (
+            self._prefill_ids,
+            self._prefill_positions,
+            self._prefill_mask,
+            self._decode_ids,
+            self._decode_position,
+            self._decode_mask,
+        )
 
     def embedding(self, input_ids: np.ndarray) -> Tensor:
         length = self._prefill_length(input_ids)
@@ -139,6 +148,16 @@ class SailGraphs:
         if self.spec.head is HeadKind.TOKEN_ID:
             return values.reshape(-1)[:1].astype(np.int32)
         return _to_float32(self._sail, values, self._head_dtype).reshape(-1)
+
+    def reset(self) -> None:
+        """Zero every layer's KV cache in device memory, and rewrite every host input on its next use:
+        a failed step may have left any of them half-written."""
+        zeros = _to_device(self._sail, np.zeros(self._kv_shape, dtype=np.float32), self._kv_dtype)
+        for past_k, past_v in self._kv:
+            past_k.update_data(zeros)
+            past_v.update_data(zeros)
+        for host_input in self._host_inputs:
+            host_input.forget()
 
     def _prefill_length(self, input_ids: np.ndarray) -> int:
         if input_ids.ndim != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 1:
@@ -202,6 +221,10 @@ class _HostInput:
             view.update_data(_to_device(self._sail, values, self._dtype))
             self._view, self._values = view, values.copy()
         return self._view
+
+    def forget(self) -> None:
+        """The buffer's contents are unknown: the next put writes it whatever the values."""
+        self._view = self._values = None
 
 
 def _to_device(sail: ModuleType, values: np.ndarray, dtype: Any) -> np.ndarray:
