@@ -22,7 +22,8 @@ TokenPicker = Callable[[np.ndarray, Sequence[int]], int]
 
 class Generation:
     """One generation. Iterate it for the generated token ids (end-of-sequence ids are not
-    yielded); afterwards `finish_reason` says why it ended. The cancel flag is checked before the
+    yielded); `finish_reason` is set when the last token is yielded (or, for an end-of-sequence
+    id, when the iteration ends) and says why it ended. The cancel flag is checked before the
     prefill and between steps, so a cancelled generation stops within one token."""
 
     def __init__(
@@ -63,8 +64,12 @@ class Generation:
                 self.finish_reason = FinishReason.STOP
                 return
             tokens.append(token)
-            yield token
+            # Decided before the token is handed out, so the caller can put the last token's text
+            # into its final chunk instead of sending a frame that adds no token after it.
             self.finish_reason = self._limit_reached(len(tokens))
+            yield token
+            if self.finish_reason is None and self._cancel.is_set():
+                self.finish_reason = FinishReason.CANCELLED
             if self.finish_reason is not None:
                 return
             position = len(tokens) - 1
@@ -76,8 +81,6 @@ class Generation:
             return FinishReason.LENGTH
         if total_tokens >= self._graphs.spec.seq_len:
             return FinishReason.LENGTH  # the next token would have no KV-cache row
-        if self._cancel.is_set():
-            return FinishReason.CANCELLED
         return None
 
     def _prefill(self, tokens: list[int]) -> np.ndarray:

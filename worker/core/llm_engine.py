@@ -103,15 +103,20 @@ class LLMEngine:
         decoder = StreamDecoder(self._tokenizer)
         stops = StopStringFilter(settings.stop)
         prompt_tokens, completion_tokens = len(prompt_ids), 0
+        last_text = ""  # the last token's text goes out with the final chunk: token counts grow per frame
         for token in generation:
             completion_tokens += 1
             text = stops.push(decoder.push(token))
             if stops.stopped:
                 yield Chunk(text, completion_tokens, prompt_tokens, FinishReason.STOP)
                 return
-            if text:
+            if generation.finish_reason is not None:
+                last_text = text
+            elif text:
                 yield Chunk(text, completion_tokens, prompt_tokens)
-        text = stops.push(decoder.flush())
+        if generation.finish_reason is FinishReason.STOP:
+            completion_tokens += 1  # the end-of-sequence token is generated too (as vLLM counts it)
+        text = last_text + stops.push(decoder.flush())
         if stops.stopped:
             yield Chunk(text, completion_tokens, prompt_tokens, FinishReason.STOP)
             return
