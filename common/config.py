@@ -76,6 +76,16 @@ class PacedConfig:
     tokens_per_second: float = 10.0
     first_token_delay_s: float = 0.7
     tokens_per_request: int = 64
+    # Answer with the words of the last user turn, cycled, instead of "lorem ipsum ...": every
+    # answer then depends on its request, so a test or a soak can tell that no client got another's text.
+    echo: bool = False
+    # Fault injection for tests and soaks, off unless a marker is set. A request whose last user turn
+    # contains fail_marker gets an EngineError in place of its token number fault_at_token; one
+    # containing hang_marker blocks there for good, deaf to cancel, as a stuck chip would (the
+    # worker's step_timeout_s watchdog then ends the process).
+    fail_marker: str | None = None
+    hang_marker: str | None = None
+    fault_at_token: int = 1
 
     def __post_init__(self) -> None:
         _require(self.tokens_per_second > 0, "tokens_per_second", "must be > 0", self.tokens_per_second)
@@ -83,6 +93,9 @@ class PacedConfig:
             self.first_token_delay_s >= 0, "first_token_delay_s", "must be >= 0", self.first_token_delay_s
         )
         _require(self.tokens_per_request >= 1, "tokens_per_request", "must be >= 1", self.tokens_per_request)
+        for key, marker in (("fail_marker", self.fail_marker), ("hang_marker", self.hang_marker)):
+            _require(marker is None or bool(marker.strip()), key, "must not be empty (null = off)", marker)
+        _require(self.fault_at_token >= 1, "fault_at_token", "must be >= 1", self.fault_at_token)
 
 
 @dataclass(frozen=True)

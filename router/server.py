@@ -21,12 +21,12 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from common.config import RouterConfig
-from protos import inference_pb2, inference_pb2_grpc
+from protos import inference_pb2
 from router.metrics import PoolMetrics
 from router.scheduler import Scheduler, Snapshot
 from router.service import InferenceServicer
 from router.transport import Transport
-from router.validation import RequestLimits
+from router.validation import RequestLimits, parse_request
 from router.workers import WorkerRegistry
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ class RouterServer:
             ]
         )
         servicer = InferenceServicer(self._scheduler, self._limits, lambda: self._draining, self.metrics)
-        inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
+        _add_inference_service(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (
@@ -176,6 +176,22 @@ class RouterServer:
         if not task.cancelled() and task.exception() is not None:
             log.critical("the router's %s loop died", task.get_name(), exc_info=task.exception())
             self.failed.set()
+
+
+def _add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """As the generated add_InferenceServiceServicer_to_server, but with parse_request as the request
+    deserializer, so that undecodable bytes get INVALID_ARGUMENT (not UNKNOWN and a traceback)."""
+    serialize = inference_pb2.Completion.SerializeToString
+    handlers = {
+        "Complete": grpc.unary_unary_rpc_method_handler(
+            servicer.Complete, request_deserializer=parse_request, response_serializer=serialize
+        ),
+        "StreamComplete": grpc.unary_stream_rpc_method_handler(
+            servicer.StreamComplete, request_deserializer=parse_request, response_serializer=serialize
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(INFERENCE_SERVICE, handlers),))
+    server.add_registered_method_handlers(INFERENCE_SERVICE, handlers)
 
 
 def _bind(server: grpc.aio.Server, address: str) -> int:

@@ -22,8 +22,9 @@ ends in band, so the client keeps the text it has and reads why it stopped, unle
 vanished (then the stream is cut: UNAVAILABLE). An error a worker reports with
 ERROR_INVALID_REQUEST after frames were sent is treated as an engine error.
 
-Streamed frames: token_usage grows strictly from frame to frame (only the final frame may repeat
-the count, when the worker's last chunk adds no token); create_time is the worker's clock when
+Streamed frames: token_usage grows strictly from frame to frame (the worker sends the last token's
+text with its final chunk and counts the end-of-sequence token; only a final ERROR frame, or the
+end of a cancelled generation, may repeat the count); create_time is the worker's clock when
 the oldest text in the frame was made (the router's clock if the worker did not stamp it), so a
 client on the same host can measure the router's added latency. Complete answers with one
 Completion holding the whole text, the final counts, finished = true and create_time = when the
@@ -47,7 +48,7 @@ from router.calls import Call, observed_call
 from router.job import Job, JobFailed, Update
 from router.metrics import PoolMetrics
 from router.scheduler import QueueFull, Scheduler
-from router.validation import RequestLimits, ValidationError, validate
+from router.validation import RequestLimits, UnreadableRequest, ValidationError, validate
 
 _FINISH_REASONS = {
     worker_pb2.FINISH_NONE: inference_pb2.UNKNOWN,
@@ -71,7 +72,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self._metrics = metrics
 
     async def StreamComplete(
-        self, request: inference_pb2.CompletionRequest, context: grpc.aio.ServicerContext
+        self, request: inference_pb2.CompletionRequest | UnreadableRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.Completion]:
         with observed_call("StreamComplete", context, self._metrics) as call:
             job = await self._admit(request, context, call)
@@ -95,7 +96,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 self._scheduler.close(job)
 
     async def Complete(
-        self, request: inference_pb2.CompletionRequest, context: grpc.aio.ServicerContext
+        self, request: inference_pb2.CompletionRequest | UnreadableRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.Completion:
         with observed_call("Complete", context, self._metrics) as call:
             job = await self._admit(request, context, call)
@@ -114,7 +115,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 self._scheduler.close(job)
 
     async def _admit(
-        self, request: inference_pb2.CompletionRequest, context: grpc.aio.ServicerContext, call: Call
+        self,
+        request: inference_pb2.CompletionRequest | UnreadableRequest,
+        context: grpc.aio.ServicerContext,
+        call: Call,
     ) -> Job:
         """The accepted job; a refused call ends here with its status (and its request id sent)."""
         if self._is_draining():

@@ -2,13 +2,17 @@
 
 Everything a client can get wrong is caught here, before the request takes a queue slot, and
 reported as one ValidationError whose message names the field and the rule it broke (the
-servicer maps it to INVALID_ARGUMENT). Absent generation parameters stay absent: the worker
-applies the model's configured defaults, so the router needs to know nothing about the model.
+servicer maps it to INVALID_ARGUMENT). That includes bytes that are not a CompletionRequest at
+all: the gRPC server parses requests with parse_request, which never raises. Absent generation
+parameters stay absent: the worker applies the model's configured defaults, so the router needs to
+know nothing about the model.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from google.protobuf.message import DecodeError
 
 from protos import inference_pb2, worker_pb2
 
@@ -27,13 +31,33 @@ class ValidationError(ValueError):
 
 
 @dataclass(frozen=True)
+class UnreadableRequest:
+    """A request body that does not parse as a CompletionRequest (e.g. a string that is not UTF-8)."""
+
+    problem: str
+
+
+def parse_request(data: bytes) -> inference_pb2.CompletionRequest | UnreadableRequest:
+    """The gRPC request deserializer. It must not raise: gRPC would end the call with UNKNOWN and log
+    a traceback, where the client should get INVALID_ARGUMENT saying what is wrong."""
+    try:
+        return inference_pb2.CompletionRequest.FromString(data)
+    except DecodeError as error:
+        return UnreadableRequest(str(error))
+
+
+@dataclass(frozen=True)
 class RequestLimits:
     max_request_bytes: int  # serialized request size
     max_new_tokens: int  # the largest max_new_tokens a client may ask for
 
 
-def validate(request: inference_pb2.CompletionRequest, limits: RequestLimits) -> worker_pb2.Generate:
+def validate(
+    request: inference_pb2.CompletionRequest | UnreadableRequest, limits: RequestLimits
+) -> worker_pb2.Generate:
     """Return the Generate to send to a worker (request_id left empty) or raise ValidationError."""
+    if isinstance(request, UnreadableRequest):
+        raise ValidationError(f"the request is not a valid CompletionRequest: {request.problem}")
     _check_size(request, limits)
     _check_history(request.history)
     _check_params(request, limits)

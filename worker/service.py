@@ -6,7 +6,9 @@ the signal wake-up fd, so the loop sleeps in one poll until a message, a chunk, 
 next deadline. Paranoid Pirate heartbeating: a heartbeat every interval; a router silent for
 `liveness` intervals is presumed dead, so the socket is reopened and the worker registers again
 (with backoff), abandoning any generation in flight. A Disconnect from the router means it no
-longer knows this worker: abandon and register again at once.
+longer knows this worker: abandon and register again at once. A worker that was itself silent long
+enough for the router to have dropped it (frozen by SIGSTOP, starved of CPU) does the same before
+sending anything, so the overdue chunks of its abandoned request never go out.
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ class WorkerService:
         self._hello_sent_at: float | None = None
         self._reconnect_delay = config.workers.reconnect_backoff_s
         self._last_heard = 0.0
+        self._last_sent = 0.0
         self._next_heartbeat = 0.0
         self._signals: list[int] = []
         self._stopping = False
@@ -108,6 +111,7 @@ class WorkerService:
         try:
             while self._exit_code is None:
                 self._wait()
+                self._check_own_silence(time.monotonic())
                 self._handle_signals()
                 self._drain_router()
                 self._drain_outbox()
@@ -140,6 +144,12 @@ class WorkerService:
     @property
     def _silence_limit(self) -> float:
         return self._interval * self._liveness
+
+    def _check_own_silence(self, now: float) -> None:
+        # The router checks liveness once per interval: one interval past its limit, it has dropped us.
+        silent_for = now - self._last_sent
+        if self._registered and silent_for > self._silence_limit + self._interval:
+            self._reconnect(now, f"this worker sent nothing for {silent_for:.1f} s (was it stopped?)")
 
     def _on_clock(self, now: float) -> None:
         current = self._current
@@ -211,6 +221,11 @@ class WorkerService:
         self._reconnect_delay = min(self._reconnect_delay * 2, self._settings.reconnect_backoff_max_s)
 
     def _on_disconnect(self, reason: str, now: float) -> None:
+        if not self._registered and self._hello_sent_at is None:
+            # A Hello is due already: more Disconnects (the router answers every message of a peer it
+            # does not know) must not add Hellos, each of which would restart a fresh registration.
+            log.info("a Disconnect while a Hello is due (%s), ignored", reason)
+            return
         if self._hello_sent_at is not None:
             # Our Hello refused (e.g. protocol version), or a stale answer to a message sent before
             # it: either way a new Hello, after a backoff, so a refusal cannot make the two spin.
@@ -363,12 +378,12 @@ class WorkerService:
         """A step that never returns cannot be interrupted: report it and let the supervisor restart us."""
         limit = self._settings.step_timeout_s
         log.error(
-            "request %s: the engine made no progress for %.0f s (step_timeout_s); exiting",
+            "request %s: the engine made no progress for %g s (step_timeout_s); exiting",
             current.request_id,
             limit,
         )
         if not current.abandoned:
-            message = f"the engine step did not finish within {limit:.0f} s; worker restarting"
+            message = f"the engine step did not finish within {limit:g} s (step_timeout_s); worker restarting"
             self._send(
                 error_chunk(
                     current.request_id,
@@ -384,6 +399,7 @@ class WorkerService:
     def _send(self, message: object) -> None:
         try:
             self._dealer.send(wire.pack(message), zmq.NOBLOCK)
+            self._last_sent = time.monotonic()
         except zmq.Again:  # the router is not reading: a heartbeat or chunk it will never miss
             log.warning(
                 "dropped an outgoing %s: the router is not accepting messages", type(message).__name__

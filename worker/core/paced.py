@@ -5,6 +5,10 @@ tokens_per_request in all), so the router, queue, wire and clients can be measur
 under the timing of a real chip on any machine. It honours the Engine contract like a real
 backend: max_new_tokens, the context limit (prompt size estimated from the text), and `cancel`,
 which it waits on between tokens so a cancel takes effect at once.
+
+For tests and soaks it can echo the request (`echo`: the answer is the last user turn's words,
+cycled) and inject faults into chosen requests (`fail_marker`, `hang_marker`, `fault_at_token`):
+an engine error, or a step that never returns.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import time
 from collections.abc import Iterator
 
 from common.config import ModelConfig
-from worker.core.request import ChatRequest, Chunk, FinishReason, RequestError
+from worker.core.request import ChatRequest, Chunk, EngineError, FinishReason, RequestError
 
 _WORDS = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit", "sed", "do")
 _BYTES_PER_TOKEN = 4  # the usual rough size of a BPE token in text
@@ -50,15 +54,38 @@ class PacedEngine:
         if count == 0:
             yield Chunk("", 0, prompt_tokens, finish)
             return
+        words = self._words(request)
         for index in range(count):
+            if index + 1 == self._pace.fault_at_token:
+                self._inject_fault(request)
             # Deadlines from the start, so the rate does not drift with the time spent yielding.
             due = first_at + index / self._pace.tokens_per_second
             if cancel.wait(max(0.0, due - time.monotonic())):
                 yield Chunk("", index, prompt_tokens, FinishReason.CANCELLED)
                 return
-            word = _WORDS[index % len(_WORDS)]
+            word = words[index % len(words)]
             text = word if index == 0 else " " + word
             yield Chunk(text, index + 1, prompt_tokens, finish if index == count - 1 else None)
+
+    def _words(self, request: ChatRequest) -> tuple[str, ...]:
+        if self._pace.echo:
+            return tuple(_last_turn(request).split()) or _WORDS
+        return _WORDS
+
+    def _inject_fault(self, request: ChatRequest) -> None:
+        text = _last_turn(request)
+        pace = self._pace
+        if pace.fail_marker is not None and pace.fail_marker in text:
+            raise EngineError(
+                f"injected fault: engine error at token {pace.fault_at_token} "
+                f"(the request contains model.paced.fail_marker {pace.fail_marker!r})"
+            )
+        if pace.hang_marker is not None and pace.hang_marker in text:
+            threading.Event().wait()  # nobody will ever set it: a step that never returns
+
+
+def _last_turn(request: ChatRequest) -> str:
+    return request.history[-1].content if request.history else ""
 
 
 def estimate_prompt_tokens(request: ChatRequest) -> int:
