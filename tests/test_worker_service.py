@@ -158,6 +158,9 @@ def test_heartbeat_names_the_busy_request(procs, tmp_path):
         peer.register()
         peer.keepalive = True
         peer.send(generate("busy-1"))
+        # A heartbeat already on its way when the Generate arrived may still say idle; once a chunk
+        # has come, the worker is busy for the 20 s the answer takes.
+        peer.expect("chunk")
         assert peer.expect("heartbeat", skip=("chunk",)).busy_request_id == "busy-1"
     finally:
         peer.close()
