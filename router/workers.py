@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 # place, register (see _forget_replaced); a bound keeps a peer that registers under ever new ids
 # from growing the table without end.
 MAX_LOST_RECORDS = 1024
+# Unregistered peers remembered for rate-limiting the Disconnects they get: a peer flooding the port
+# gets one answer (and one log line) per heartbeat interval, not one per message.
+MAX_REFUSED_PEERS = 1024
 
 
 class WorkerState(enum.Enum):
@@ -80,6 +83,7 @@ class WorkerRegistry:
         self._by_worker_id: dict[str, WorkerRecord] = {}
         self._idle: OrderedDict[bytes, WorkerRecord] = OrderedDict()  # least recently used first
         self._lost: OrderedDict[str, WorkerRecord] = OrderedDict()
+        self._refused_at: OrderedDict[bytes, float] = OrderedDict()  # peer identity -> last Disconnect
         self._heartbeat_frame = wire.pack(worker_pb2.Heartbeat())
         self._welcome = worker_pb2.Welcome(
             heartbeat_interval_ms=round(heartbeat_interval_s * 1000), liveness=liveness
@@ -219,6 +223,13 @@ class WorkerRegistry:
     def _refuse_unregistered(self, identity: bytes, kind: str) -> None:
         if kind == "disconnect":
             return  # it is leaving anyway; answering would only start a ping-pong
+        now = time.monotonic()
+        if now - self._refused_at.get(identity, -self._interval_s) < self._interval_s:
+            return
+        self._refused_at[identity] = now
+        self._refused_at.move_to_end(identity)
+        while len(self._refused_at) > MAX_REFUSED_PEERS:
+            self._refused_at.popitem(last=False)
         log.info("a %s from an unregistered peer: told it to register again", kind)
         self._transport.send(identity, worker_pb2.Disconnect(reason="not registered: send a hello"))
 

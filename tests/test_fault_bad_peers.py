@@ -146,7 +146,7 @@ def test_garbage_and_wrong_messages_on_the_worker_port_are_dropped_while_clients
     for dropped in (
         "dropped a frame from peer b'vandal': undecodable frame",
         "dropped a message of 2 frames from peer b'vandal'",
-        "a chunk from an unregistered peer: told it to register again",
+        "from an unregistered peer: told it to register again",  # once per interval per peer
         "refused a hello from 'old-version': protocol version",
         "dropped a welcome message from worker rogue: workers do not send those",
         "dropped a chunk for request 'fedcba9876543210' from worker rogue",

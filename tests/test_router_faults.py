@@ -222,6 +222,23 @@ async def test_an_unregistered_peer_is_told_to_register():
 
 
 @async_test
+async def test_a_flooding_unregistered_peer_gets_one_disconnect_per_heartbeat_interval():
+    async with running_router(heartbeat_interval_s=0.5) as router:
+        flooder = EmulatedWorker(router.endpoint, "flooder")
+        try:
+            for _ in range(200):
+                flooder.send(worker_pb2.Heartbeat())
+            await flooder.next("disconnect")
+            await asyncio.sleep(0.2)  # well inside the interval: the rest of the flood goes unanswered
+            assert flooder.pending("disconnect") == 0
+            await asyncio.sleep(0.4)  # a new interval: the peer is told again
+            flooder.send(worker_pb2.Heartbeat())
+            assert "not registered" in (await flooder.next("disconnect")).reason
+        finally:
+            await flooder.close()
+
+
+@async_test
 async def test_a_hello_with_another_protocol_version_is_refused():
     async with running_router() as router:
         old = EmulatedWorker(router.endpoint, "old")
