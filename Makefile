@@ -35,8 +35,8 @@ lint: $(DEV_STAMP) $(PROTOS)
 test: lint
 	$(PY) -m pytest
 
-bench: setup
-	$(PY) -m bench
+bench: $(DEV_STAMP) $(PROTOS)
+	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) protos/*_pb2*.py protos/*_pb2.pyi .pytest_cache .ruff_cache
