@@ -132,7 +132,7 @@ def bench_transformers(args: argparse.Namespace) -> Figures:
     path = resolve_model_path(args.model)
     folder, extra = (path.parent, {"gguf_file": path.name}) if path.suffix == ".gguf" else (path, {})
     started = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32, **extra).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
     load_s = time.perf_counter() - started
     ids = torch.tensor(
