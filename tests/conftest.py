@@ -1,15 +1,25 @@
-"""Shared test fixtures: the fixture data folder beside the repository, and tokenizers loaded once."""
+"""Shared test fixtures: the fixture data folder beside the repository, the tiny models and tokenizers the
+tests make themselves, and tokenizers loaded once."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.harness import ProcessSet
+from tests.tiny_chat_model import write_tiny_chat_model
+from tests.tiny_spm_tokenizer import write_tiny_spm_tokenizer
 from worker.core.builtin_model import builtin_model_path
 from worker.core.tokenizer import Tokenizer, load_tokenizer
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+# POOL_TEST_FIXTURES points the lookup elsewhere, e.g. at a missing folder to run the suite as a fresh
+# clone would: `POOL_TEST_FIXTURES=/nonexistent pytest`.
+FIXTURES = Path(
+    os.environ.get("POOL_TEST_FIXTURES", Path(__file__).resolve().parents[1].parent / "shared" / "fixtures")
+)
 
 
 @pytest.fixture(scope="session")
@@ -42,6 +52,30 @@ def stories_tokenizer(fixtures_dir: Path) -> Tokenizer:
 def smollm2_tokenizer() -> Tokenizer:
     """The tokenizer inside the embedded default model's GGUF (byte-level BPE)."""
     return load_tokenizer(builtin_model_path())
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny Qwen2 with a trained byte-level BPE and ChatML template (tests/tiny_chat_model.py)."""
+    return write_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat-model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_tokenizer(tiny_chat_model: Path) -> Tokenizer:
+    return load_tokenizer(tiny_chat_model)
+
+
+@pytest.fixture(scope="session")
+def tiny_spm_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
+    """Llama-style SentencePiece BPE with byte fallback and BOS (tests/tiny_spm_tokenizer.py)."""
+    return load_tokenizer(write_tiny_spm_tokenizer(tmp_path_factory.mktemp("tiny-spm-tokenizer")))
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[ProcessSet]:
+    """Processes a test starts (router, workers, supervisor, clients), all stopped when it ends."""
+    with ProcessSet(tmp_path) as procs:
+        yield procs
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -16,13 +16,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
 
 from protos import inference_pb2 as api
 from protos import inference_pb2_grpc
-from tests.harness import WAIT_S, ManagedProcess, wait_until
+from tests.harness import WAIT_S, ManagedProcess, Pool, ProcessSet, start_pool, wait_until, write_config
 
 USER = 1
 # A paced pool fast enough for tests: a 10-token answer takes about 0.1 s.
@@ -34,9 +35,25 @@ ECHO_PACE: dict[str, Any] = {
 }
 
 
-def echo_settings(router: dict[str, Any] | None = None, workers: dict[str, Any] | None = None, **paced: Any):
-    """Overrides for tests.harness.write_config: an echoing paced model, plus the sections given."""
-    return {"model": {"paced": {**ECHO_PACE, **paced}}, "router": router or {}, "workers": workers or {}}
+def echo_settings(
+    router: dict[str, Any] | None = None,
+    workers: dict[str, Any] | None = None,
+    model: dict[str, Any] | None = None,
+    **paced: Any,
+) -> dict[str, Any]:
+    """Overrides for tests.harness.write_config: an echoing paced model (with the other `model`
+    settings given), plus the sections given."""
+    return {
+        "model": {**(model or {}), "paced": {**ECHO_PACE, **paced}},
+        "router": router or {},
+        "workers": workers or {},
+    }
+
+
+def start_echo_pool(procs: ProcessSet, directory: Path, **settings: Any) -> Pool:
+    """The whole pool (supervisor, router, workers) of the echoing paced model, serving; `settings`
+    as echo_settings takes them."""
+    return start_pool(procs, write_config(directory, echo_settings(**settings)))
 
 
 def unique_prompt(tag: str = "req") -> str:

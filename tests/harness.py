@@ -1,11 +1,6 @@
 """Integration-test harness: real pool processes on loopback, always cleaned up.
 
-Typical use in a test module:
-
-    @pytest.fixture
-    def procs(tmp_path):
-        with ProcessSet(tmp_path) as procs:
-            yield procs
+Typical use in a test module (the `procs` fixture, a ProcessSet in tmp_path, is in tests/conftest.py):
 
     def test_x(procs, tmp_path):
         config = write_config(tmp_path, {"workers": {"devices": [0, 1]}})

@@ -84,6 +84,27 @@ class RouterUnderTest:
     def stream(self, prompt: str = "你好", **params: Any) -> grpc.aio.UnaryStreamCall:
         return self.stub.StreamComplete(request(prompt, **params))
 
+    async def started_stream(
+        self, worker: EmulatedWorker, prompt: str = "你好", **params: Any
+    ) -> tuple[grpc.aio.UnaryStreamCall, worker_pb2.Generate]:
+        """A StreamComplete call, and the Generate `worker` was given for it."""
+        call = self.stream(prompt, **params)
+        return call, await worker.next_generate()
+
+    async def queued_stream(self, prompt: str = "你好", **params: Any) -> grpc.aio.UnaryStreamCall:
+        """A StreamComplete call, returned once the router holds it in its queue (no worker free)."""
+        queued_before = self.server.snapshot().queued
+        call = self.stream(prompt, **params)
+        await eventually(lambda: self.server.snapshot().queued == queued_before + 1, "the request queued")
+        return call
+
+    async def assert_the_next_request_reaches_a_worker(self) -> None:
+        """A worker registering now is given the next request (not one that gave up or was cancelled)."""
+        async with workers(self.endpoint, "w1") as (worker,):
+            call = self.stream("next")
+            assert (await worker.next_generate()).history[0].content == "next"
+            call.cancel()
+
 
 @contextlib.asynccontextmanager
 async def running_router(
@@ -228,16 +249,26 @@ class EmulatedWorker:
 
 
 @contextlib.asynccontextmanager
+async def unregistered_worker(endpoint: str, worker_id: str) -> AsyncIterator[EmulatedWorker]:
+    """An emulated worker that has said nothing yet (the test drives its handshake), closed on exit."""
+    worker = EmulatedWorker(endpoint, worker_id)
+    try:
+        yield worker
+    finally:
+        await worker.close()
+
+
+@contextlib.asynccontextmanager
 async def workers(endpoint: str, *worker_ids: str) -> AsyncIterator[list[EmulatedWorker]]:
     """Registered emulated workers, in the given order, closed on exit."""
-    started = [EmulatedWorker(endpoint, worker_id) for worker_id in worker_ids]
-    try:
+    async with contextlib.AsyncExitStack() as stack:
+        started = [
+            await stack.enter_async_context(unregistered_worker(endpoint, worker_id))
+            for worker_id in worker_ids
+        ]
         for worker in started:
             await worker.register()
         yield started
-    finally:
-        for worker in started:
-            await worker.close()
 
 
 async def read_all(call: grpc.aio.UnaryStreamCall) -> list[inference_pb2.Completion]:

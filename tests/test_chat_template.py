@@ -29,6 +29,17 @@ def test_chatml_without_system_message_has_no_system_turn():
     )
 
 
+def test_template_from_tokenizer_config(tiny_chat_tokenizer):
+    template = tiny_chat_tokenizer.chat_template
+    assert template.origin.endswith("tokenizer_config.json")
+    assert template.render("Be brief.", CONVERSATION) == ChatTemplate.chatml().render(
+        "Be brief.", CONVERSATION
+    )
+    assert (
+        template.render("", [Turn(USER, "hi")]) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
 def test_qwen25_template_from_tokenizer_config(qwen25_tokenizer):
     template = qwen25_tokenizer.chat_template
     assert template.origin.endswith("tokenizer_config.json")

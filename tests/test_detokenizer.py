@@ -11,7 +11,16 @@ from hypothesis import strategies as st
 from worker.core.detokenizer import StreamDecoder
 from worker.core.tokenizer import Tokenizer
 
-TOKENIZERS = ["qwen25_tokenizer", "qwen7b_tokenizer", "stories_tokenizer", "smollm2_tokenizer"]
+# A byte-level BPE, a SentencePiece BPE with byte fallback (both made by the tests), the default model's
+# byte-level vocabulary, and the real vocabularies of ../shared/fixtures (skipped when it is absent).
+TOKENIZERS = [
+    "tiny_chat_tokenizer",
+    "tiny_spm_tokenizer",
+    "smollm2_tokenizer",
+    "qwen25_tokenizer",
+    "qwen7b_tokenizer",
+    "stories_tokenizer",
+]
 # Rare CJK characters, emoji with modifiers and flags: split into several byte tokens by these vocabularies.
 MULTI_BYTE_TEXT = "你好，世界！鱻𠀋𪚥龘 🙂👍🏽🇨🇳👨‍👩‍👧 こんにちは 안녕하세요 Ünïcödé — done."
 
@@ -36,36 +45,36 @@ def test_multi_byte_characters_are_never_split(tokenizer):
     assert sum(1 for piece in pieces if piece) > 10  # streamed as it goes, not all at the end
 
 
-def test_special_tokens_in_the_stream_are_skipped(qwen25_tokenizer, stories_tokenizer):
+def test_special_tokens_in_the_stream_are_skipped(tiny_chat_tokenizer, tiny_spm_tokenizer):
     for tokenizer, text in [
-        (qwen25_tokenizer, "<|im_start|>assistant\n𠀋 and 🙂<|im_end|>\n<|endoftext|> after"),
-        (stories_tokenizer, "<s> Once</s> upon<s> 你</s> a time"),
+        (tiny_chat_tokenizer, "<|im_start|>assistant\n𠀋 and 🙂<|im_end|>\n<|endoftext|> after"),
+        (tiny_spm_tokenizer, "<s> Once</s> upon<s> 你</s> a time"),
     ]:
         ids = tokenizer.encode(text)
         assert "".join(stream(tokenizer, ids)) == tokenizer.decode(ids)
 
 
-def test_incomplete_tail_is_held_back_until_flush(qwen25_tokenizer):
-    ids = qwen25_tokenizer.encode("a𠀋")
-    decoder = StreamDecoder(qwen25_tokenizer)
+def test_incomplete_tail_is_held_back_until_flush(tiny_chat_tokenizer):
+    ids = tiny_chat_tokenizer.encode("a𠀋")
+    decoder = StreamDecoder(tiny_chat_tokenizer)
     assert decoder.push(ids[0]) == "a"
     assert [decoder.push(token_id) for token_id in ids[1:-1]] == [""] * (len(ids) - 2)
     # Ended before the character's last byte arrived: flush gives what a whole decode gives.
-    assert decoder.flush() == qwen25_tokenizer.decode(ids[:-1])[1:] == "\ufffd"
+    assert decoder.flush() == tiny_chat_tokenizer.decode(ids[:-1])[1:] == "\ufffd"
 
 
-def test_each_step_decodes_a_short_window(qwen25_tokenizer):
+def test_each_step_decodes_a_short_window(tiny_chat_tokenizer):
     window_lengths: list[int] = []
 
     class RecordingTokenizer:
-        byte_token_ids = qwen25_tokenizer.byte_token_ids
-        special_token_ids = qwen25_tokenizer.special_token_ids
+        byte_token_ids = tiny_chat_tokenizer.byte_token_ids
+        special_token_ids = tiny_chat_tokenizer.special_token_ids
 
         def decode(self, ids: Sequence[int]) -> str:
             window_lengths.append(len(ids))
-            return qwen25_tokenizer.decode(ids)
+            return tiny_chat_tokenizer.decode(ids)
 
-    ids = qwen25_tokenizer.encode(MULTI_BYTE_TEXT * 20)
+    ids = tiny_chat_tokenizer.encode(MULTI_BYTE_TEXT * 20)
     decoder = StreamDecoder(RecordingTokenizer())
     text = "".join([decoder.push(token_id) for token_id in ids] + [decoder.flush()])
     assert text == MULTI_BYTE_TEXT * 20

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from common.config import ModelConfig
+from tests.tiny_chat_model import MAX_POSITIONS
 from worker.core.engine import load_engine
 from worker.core.llm_engine import LLMEngine
 from worker.core.paced import PacedEngine
@@ -18,13 +19,13 @@ from worker.core.request import USER, ChatRequest, SamplingParams, Turn
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_numpy_engine_from_a_hf_folder_is_capped_at_the_model_positions(fixtures_dir):
-    folder = fixtures_dir / "stories260K" / "hf"
-    engine = load_engine(ModelConfig(name="stories", path=str(folder), context_size=4096), device_id=0)
+def test_numpy_engine_from_a_hf_folder_is_capped_at_the_model_positions(tiny_chat_model):
+    config = ModelConfig(name="tiny", path=str(tiny_chat_model), context_size=2 * MAX_POSITIONS)
+    engine = load_engine(config, device_id=0)
 
     assert isinstance(engine, LLMEngine)
-    assert engine.model_id == "stories"
-    assert engine.context_size == 512  # max_position_embeddings of the checkpoint
+    assert engine.model_id == "tiny"
+    assert engine.context_size == MAX_POSITIONS  # max_position_embeddings of the checkpoint
     request = ChatRequest("", (Turn(USER, "Hi"),), SamplingParams(max_new_tokens=3, temperature=0.0))
     assert list(engine.generate(request, threading.Event()))[-1].completion_tokens == 3
 
@@ -56,14 +57,13 @@ def test_a_file_that_is_no_model_is_refused(tmp_path):
         load_engine(ModelConfig(path=str(tmp_path / "weights.bin")), device_id=0)
 
 
-def test_the_numpy_engine_never_imports_sophon(fixtures_dir):
+def test_the_numpy_engine_never_imports_sophon(tiny_chat_model):
     """In a fresh interpreter: this test process may hold the tests' sophon.sail stand-in."""
-    folder = fixtures_dir / "stories260K" / "hf"
     script = (
         "import sys\n"
         "from common.config import ModelConfig\n"
         "from worker.core.engine import load_engine\n"
-        f"load_engine(ModelConfig(path={str(folder)!r}), device_id=0)\n"
+        f"load_engine(ModelConfig(path={str(tiny_chat_model)!r}), device_id=0)\n"
         "assert not any(name.startswith('sophon') for name in sys.modules), 'sophon imported'\n"
     )
     subprocess.run([sys.executable, "-c", script], cwd=REPO, check=True, timeout=120)

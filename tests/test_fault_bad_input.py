@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from protos import inference_pb2 as api
-from tests.fault_clients import Outcome, assert_complete, echo_settings, unique_prompt
-from tests.harness import Pool, ProcessSet, health_status, inference_stub, start_pool, write_config
+from tests.fault_clients import Outcome, assert_complete, start_echo_pool, unique_prompt
+from tests.harness import Pool, ProcessSet, health_status, inference_stub
 from worker.core.paced import estimate_prompt_tokens
 from worker.core.request import ChatRequest, Turn
 
@@ -40,15 +40,16 @@ EDGE_TEXTS = [
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
     directory: Path = tmp_path_factory.mktemp("bad-input")
-    settings_ = echo_settings(
-        router={"max_request_bytes": MAX_REQUEST_BYTES},
-        tokens_per_second=2000.0,
-        first_token_delay_s=0.0,
-        tokens_per_request=TOKENS_PER_REQUEST,
-    )
-    settings_["model"].update(context_size=CONTEXT, defaults={"max_new_tokens": DEFAULT_MAX_NEW_TOKENS})
     with ProcessSet(directory) as procs:
-        pool = start_pool(procs, write_config(directory, settings_))
+        pool = start_echo_pool(
+            procs,
+            directory,
+            router={"max_request_bytes": MAX_REQUEST_BYTES},
+            model={"context_size": CONTEXT, "defaults": {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS}},
+            tokens_per_second=2000.0,
+            first_token_delay_s=0.0,
+            tokens_per_request=TOKENS_PER_REQUEST,
+        )
         pool.pids = {process.pid for process in [pool.router_process(), *pool.worker_processes()]}
         yield pool
 

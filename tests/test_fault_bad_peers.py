@@ -10,7 +10,6 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import grpc
 import pytest
@@ -22,18 +21,12 @@ from tests.fault_clients import (
     Outcome,
     assert_complete,
     assert_failed,
-    echo_settings,
     registrations,
     run_streams,
+    start_echo_pool,
     unique_prompt,
 )
-from tests.harness import Pool, ProcessSet, inference_stub, start_pool, wait_until, write_config
-
-
-@pytest.fixture
-def procs(tmp_path: Path):
-    with ProcessSet(tmp_path) as procs:
-        yield procs
+from tests.harness import Pool, inference_stub, wait_until
 
 
 @contextmanager
@@ -102,7 +95,7 @@ def assert_own_text_or_explicit_failure(outcomes: list[Outcome]) -> None:
 def test_garbage_and_wrong_messages_on_the_worker_port_are_dropped_while_clients_are_served(
     procs, tmp_path, zmq_context
 ):
-    pool = start_pool(procs, write_config(tmp_path, echo_settings()))
+    pool = start_echo_pool(procs, tmp_path)
     router = pool.router_process()
     endpoint = pool.config.zmq_endpoint
     workers_before = set(registrations(pool.supervisor))
@@ -163,7 +156,7 @@ def test_garbage_and_wrong_messages_on_the_worker_port_are_dropped_while_clients
 def test_a_peer_registering_with_a_live_workers_id_causes_no_cross_talk_and_the_worker_returns(
     procs, tmp_path, zmq_context
 ):
-    pool = start_pool(procs, write_config(tmp_path, echo_settings(tokens_per_second=50.0)))
+    pool = start_echo_pool(procs, tmp_path, tokens_per_second=50.0)
     victim, other = registrations(pool.supervisor)
     with traffic(pool) as outcomes:
         wait_until(lambda: len(outcomes) >= 6, "clients under way")

@@ -25,12 +25,6 @@ STREAMS = 200
 WORKERS = 3
 
 
-@pytest.fixture
-def procs(tmp_path: Path):
-    with ProcessSet(tmp_path) as procs:
-        yield procs
-
-
 async def cancelled_stream(router: RouterUnderTest, rng: random.Random) -> str:
     """One client: cancels after a random delay or a random number of frames; returns its text."""
     prompt = unique_prompt("storm")

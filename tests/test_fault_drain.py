@@ -5,7 +5,6 @@ lets in-flight streams finish up to router.drain_timeout_s, then the pool stops 
 from __future__ import annotations
 
 import signal
-from pathlib import Path
 
 import grpc
 import pytest
@@ -18,14 +17,13 @@ from tests.fault_clients import (
     assert_failed,
     echo_settings,
     run_streams,
+    start_echo_pool,
     unique_prompt,
 )
 from tests.harness import (
-    ProcessSet,
     health_status,
     inference_stub,
     open_channel,
-    start_pool,
     start_worker,
     wait_serving,
     wait_until,
@@ -35,16 +33,11 @@ from tests.harness import (
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-@pytest.fixture
-def procs(tmp_path: Path):
-    with ProcessSet(tmp_path) as procs:
-        yield procs
-
-
 @pytest.mark.timeout(90)
 def test_sigterm_drains_in_flight_streams_refuses_new_calls_and_the_pool_exits_zero(procs, tmp_path):
-    settings = echo_settings(router={"drain_timeout_s": 30.0}, tokens_per_second=20.0, tokens_per_request=100)
-    pool = start_pool(procs, write_config(tmp_path, settings))
+    pool = start_echo_pool(
+        procs, tmp_path, router={"drain_timeout_s": 30.0}, tokens_per_second=20.0, tokens_per_request=100
+    )
     stub = inference_stub(pool.channel)
     in_flight = [LiveStream(stub, unique_prompt("in-flight")) for _ in range(2)]
     for stream in in_flight:

@@ -6,7 +6,6 @@ Also the fault injection itself: the paced engine's echo, fail and hang markers,
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -17,33 +16,26 @@ from protos import inference_pb2 as api
 from tests.fault_clients import (
     LiveStream,
     assert_complete,
-    echo_settings,
     expected_text,
     registrations,
     request,
     run_streams,
+    start_echo_pool,
     unique_prompt,
     worker_pid,
 )
-from tests.harness import ProcessSet, inference_stub, start_pool, write_config
+from tests.harness import inference_stub
 from worker.core.paced import PacedEngine
 from worker.core.request import ChatRequest, EngineError, Turn
 
 INJECTED = "injected fault: engine error at token 3"
 
 
-@pytest.fixture
-def procs(tmp_path: Path):
-    with ProcessSet(tmp_path) as procs:
-        yield procs
-
-
 @pytest.mark.timeout(90)
 def test_an_engine_error_ends_the_request_explicitly_and_the_worker_serves_the_next(procs, tmp_path):
-    settings = echo_settings(
-        workers={"devices": [0]}, fail_marker="BOOM", fault_at_token=3, tokens_per_second=5.0
+    pool = start_echo_pool(
+        procs, tmp_path, workers={"devices": [0]}, fail_marker="BOOM", fault_at_token=3, tokens_per_second=5.0
     )
-    pool = start_pool(procs, write_config(tmp_path, settings))
     stub = inference_stub(pool.channel)
     (worker_id,) = registrations(pool.supervisor)
 

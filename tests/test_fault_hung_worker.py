@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-from pathlib import Path
 
 import grpc
 import pytest
@@ -17,32 +16,24 @@ from tests.fault_clients import (
     LiveStream,
     assert_complete,
     assert_failed,
-    echo_settings,
     registrations,
     request,
     run_streams,
+    start_echo_pool,
     unique_prompt,
     worker_pid,
 )
-from tests.harness import ProcessSet, inference_stub, start_pool, wait_until, write_config
-from tests.test_worker_service import HELLO_TIMEOUT_S, generate
-from tests.test_worker_service import start as start_worker_with_peer
+from tests.harness import inference_stub, wait_until, write_config
+from tests.worker_peer import HELLO_TIMEOUT_S, connected, generate
 from worker.service import EXIT_ENGINE_HUNG
 
 PACE = {"tokens_per_second": 20.0, "tokens_per_request": 200}  # a long answer: 10 s
 SHORT = {"max_new_tokens": 6}
 
 
-@pytest.fixture
-def procs(tmp_path: Path):
-    with ProcessSet(tmp_path) as procs:
-        yield procs
-
-
 @pytest.mark.timeout(120)
 def test_a_stopped_worker_is_dropped_gets_no_work_and_rejoins_cleanly_after_sigcont(procs, tmp_path):
-    config = write_config(tmp_path, echo_settings(router={"liveness": 5}, **PACE))
-    pool = start_pool(procs, config)
+    pool = start_echo_pool(procs, tmp_path, router={"liveness": 5}, **PACE)
     supervisor = pool.supervisor
     stub = inference_stub(pool.channel)
     worker_ids = set(registrations(supervisor))
@@ -81,8 +72,7 @@ def test_a_stopped_worker_is_dropped_gets_no_work_and_rejoins_cleanly_after_sigc
 
 @pytest.mark.timeout(120)
 def test_a_request_sent_to_a_stopped_idle_worker_runs_again_once_the_worker_is_found_silent(procs, tmp_path):
-    config = write_config(tmp_path, echo_settings(router={"liveness": 5}, **PACE))
-    pool = start_pool(procs, config)
+    pool = start_echo_pool(procs, tmp_path, router={"liveness": 5}, **PACE)
     stub = inference_stub(pool.channel)
     busy = LiveStream(stub, unique_prompt("busy"))
     busy_worker = busy.wait_frames(1)[0].worker_id
@@ -99,11 +89,9 @@ def test_a_request_sent_to_a_stopped_idle_worker_runs_again_once_the_worker_is_f
 
 @pytest.mark.timeout(120)
 def test_an_engine_step_that_never_returns_fails_its_request_and_the_worker_is_restarted(procs, tmp_path):
-    config = write_config(
-        tmp_path,
-        echo_settings(workers={"step_timeout_s": 1.0}, hang_marker="HANG", fault_at_token=3, **PACE),
+    pool = start_echo_pool(
+        procs, tmp_path, workers={"step_timeout_s": 1.0}, hang_marker="HANG", fault_at_token=3, **PACE
     )
-    pool = start_pool(procs, config)
     stub = inference_stub(pool.channel)
     hung = LiveStream(stub, "HANG")
     hung.wait_frames(1)
@@ -142,8 +130,7 @@ def test_a_burst_of_stale_disconnects_around_a_hello_makes_no_second_registratio
     backoff); the rest must not add Hellos, each of which would make the router drop and register
     the worker again, failing whatever it had just been given."""
     config = write_config(tmp_path, {"workers": {"reconnect_backoff_s": 2.0, "reconnect_backoff_max_s": 2.0}})
-    peer, worker = start_worker_with_peer(procs, config)
-    try:
+    with connected(procs, config) as (peer, worker):
         peer.expect("hello", HELLO_TIMEOUT_S)
         for _ in range(3):
             peer.send(pb.Disconnect(reason="not registered: send a hello"))
@@ -155,5 +142,3 @@ def test_a_burst_of_stale_disconnects_around_a_hello_makes_no_second_registratio
         assert "hello" not in [kind for kind, _ in received]
         assert worker.log().count("registered with the router") == 1
         assert "a Disconnect while a Hello is due (not registered: send a hello), ignored" in worker.log()
-    finally:
-        peer.close()

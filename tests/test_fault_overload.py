@@ -20,20 +20,15 @@ from tests.fault_clients import (
     expected_text,
     request,
     run_streams,
+    start_echo_pool,
     unique_prompt,
     wait_async,
 )
-from tests.harness import ProcessSet, inference_stub, start_pool, start_worker, write_config
+from tests.harness import ProcessSet, inference_stub, start_worker, write_config
 from tests.router_harness import expect_status, read_all, running_router
 
 QUEUE_SIZE = 3
 QUEUE_TIMEOUT_S = 3.0
-
-
-@pytest.fixture
-def procs(tmp_path: Path):
-    with ProcessSet(tmp_path) as procs:
-        yield procs
 
 
 async def overload(procs: ProcessSet, tmp_path: Path) -> None:
@@ -84,8 +79,7 @@ def test_a_burst_of_ten_times_capacity_harms_no_accepted_request_and_router_memo
 ):
     workers, queue_size = 2, 8
     capacity = workers + queue_size
-    config = write_config(tmp_path, echo_settings(router={"queue_size": queue_size}, tokens_per_request=10))
-    pool = start_pool(procs, config)
+    pool = start_echo_pool(procs, tmp_path, router={"queue_size": queue_size}, tokens_per_request=10)
     stub = inference_stub(pool.channel)
     router = pool.router_process()
     run_streams(stub, [unique_prompt("warm-up") for _ in range(capacity)])

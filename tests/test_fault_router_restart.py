@@ -6,8 +6,6 @@ when the router comes back, and can check that the workers were never restarted.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import grpc
 import pytest
 
@@ -21,7 +19,6 @@ from tests.fault_clients import (
     unique_prompt,
 )
 from tests.harness import (
-    ProcessSet,
     inference_stub,
     open_channel,
     start_worker,
@@ -33,12 +30,6 @@ from tests.harness import (
 # A few seconds, as the issue asks: the workers' reconnect backoff is 0.05-0.5 s in tests.
 NEW_REQUEST_DEADLINE_S = 15.0
 ROUTER_ARGS = ["-m", "router", "--config"]
-
-
-@pytest.fixture
-def procs(tmp_path: Path):
-    with ProcessSet(tmp_path) as procs:
-        yield procs
 
 
 @pytest.mark.timeout(90)

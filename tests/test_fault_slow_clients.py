@@ -11,20 +11,19 @@ from __future__ import annotations
 import hashlib
 import re
 import signal
-from pathlib import Path
 
 import psutil
 import pytest
 
 from tests.fault_clients import (
     assert_complete,
-    echo_settings,
     expected_text,
     registrations,
     run_streams,
+    start_echo_pool,
     unique_prompt,
 )
-from tests.harness import ManagedProcess, ProcessSet, inference_stub, start_pool, wait_until, write_config
+from tests.harness import ManagedProcess, ProcessSet, inference_stub, wait_until
 
 ANSWER_TOKENS = 100
 BIG_WORD_CHARS = 100_000
@@ -48,12 +47,6 @@ except grpc.RpcError as error:
 """
 
 
-@pytest.fixture
-def procs(tmp_path: Path):
-    with ProcessSet(tmp_path) as procs:
-        yield procs
-
-
 def start_client(procs: ProcessSet, address: str, prompt: str) -> ManagedProcess:
     return procs.start("client", ["-c", CLIENT, address, prompt])
 
@@ -64,9 +57,13 @@ def rss_mib(process: psutil.Process) -> float:
 
 @pytest.mark.timeout(120)
 def test_clients_that_stop_reading_block_no_one_and_lose_nothing(procs, tmp_path):
-    settings = echo_settings(tokens_per_second=80.0, tokens_per_request=ANSWER_TOKENS)
-    settings["model"]["context_size"] = 4 * BIG_WORD_CHARS  # the paced engine counts 4 bytes a token
-    pool = start_pool(procs, write_config(tmp_path, settings))
+    pool = start_echo_pool(
+        procs,
+        tmp_path,
+        model={"context_size": 4 * BIG_WORD_CHARS},  # the paced engine counts 4 bytes a token
+        tokens_per_second=80.0,
+        tokens_per_request=ANSWER_TOKENS,
+    )
     stub = inference_stub(pool.channel)
     router = pool.router_process()
     run_streams(stub, [unique_prompt("warm-up") for _ in range(4)])
@@ -115,7 +112,7 @@ def test_clients_that_stop_reading_block_no_one_and_lose_nothing(procs, tmp_path
 @pytest.mark.timeout(90)
 def test_a_client_that_vanishes_mid_stream_counts_as_a_cancel(procs, tmp_path):
     pace = {"tokens_per_second": 20.0, "tokens_per_request": 400}  # 20 s: only a cancel ends it early
-    pool = start_pool(procs, write_config(tmp_path, echo_settings(workers={"devices": [0]}, **pace)))
+    pool = start_echo_pool(procs, tmp_path, workers={"devices": [0]}, **pace)
     (worker_id,) = registrations(pool.supervisor)
     client = start_client(procs, pool.config.grpc_address, unique_prompt("gone"))
     client.wait_for_log(r"first frame from")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-from pathlib import Path
 
 import grpc
 import psutil
@@ -21,19 +20,17 @@ from tests.fault_clients import (
     LiveStream,
     assert_complete,
     assert_failed,
-    echo_settings,
     registrations,
     run_streams,
+    start_echo_pool,
     unique_prompt,
     worker_pid,
 )
 from tests.harness import (
     Pool,
-    ProcessSet,
     health_status,
     inference_stub,
     open_channel,
-    start_pool,
     wait_serving,
     wait_until,
     write_config,
@@ -42,12 +39,6 @@ from tests.harness import (
 # Long answers take 10 s at this pace; "short" requests ask for 6 tokens (0.3 s).
 PACE = {"tokens_per_second": 20.0, "tokens_per_request": 200}
 SHORT = {"max_new_tokens": 6}
-
-
-@pytest.fixture
-def procs(tmp_path: Path):
-    with ProcessSet(tmp_path) as procs:
-        yield procs
 
 
 def live_worker_ids(pool: Pool) -> set[str]:
@@ -64,8 +55,7 @@ def live_worker_ids(pool: Pool) -> set[str]:
 
 @pytest.mark.timeout(120)
 def test_a_worker_killed_mid_stream_fails_only_its_started_stream_and_rejoins(procs, tmp_path):
-    config = write_config(tmp_path, echo_settings(router={"liveness": 5}, **PACE))
-    pool = start_pool(procs, config)
+    pool = start_echo_pool(procs, tmp_path, router={"liveness": 5}, **PACE)
     supervisor = pool.supervisor
     stub = inference_stub(pool.channel)
 

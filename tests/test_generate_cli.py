@@ -14,8 +14,8 @@ def generate(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
-def test_streams_a_greedy_answer(fixtures_dir):
-    model = str(fixtures_dir / "stories260K" / "hf")
+def test_streams_a_greedy_answer(tiny_chat_model):
+    model = str(tiny_chat_model)
     run = generate(
         "--model", model, "--prompt", "Tell me a story.", "--temperature", "0", "--max-new-tokens", "12"
     )

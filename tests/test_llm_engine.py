@@ -1,5 +1,5 @@
-"""LLMEngine end to end on a real (tiny) trained model and its tokenizer: chunks, stop strings,
-limits, context overflow, cancellation, failures and greedy-only heads."""
+"""LLMEngine end to end on the tests' tiny chat model (random Qwen2, trained byte-level BPE, ChatML):
+chunks, stop strings, limits, context overflow, cancellation, failures and greedy-only heads."""
 
 from __future__ import annotations
 
@@ -33,8 +33,8 @@ GREEDY = GenerationDefaults(temperature=0.0, repetition_penalty=1.0)
 
 
 @pytest.fixture(scope="module")
-def weights(fixtures_dir) -> Weights:
-    return load_hf_checkpoint(fixtures_dir / "stories260K" / "hf")
+def weights(tiny_chat_model) -> Weights:
+    return load_hf_checkpoint(tiny_chat_model)
 
 
 def make_engine(weights, tokenizer, *, seq_len=256, greedy_head=False, defaults=GREEDY) -> LLMEngine:
@@ -43,7 +43,7 @@ def make_engine(weights, tokenizer, *, seq_len=256, greedy_head=False, defaults=
 
 def probed_engine(weights, tokenizer, *, seq_len=256, greedy_head=False, defaults=GREEDY):
     graphs = ProbeGraphs(NumpyGraphs(weights, seq_len), greedy_head=greedy_head)
-    return LLMEngine(graphs, tokenizer, "stories260K", defaults), graphs
+    return LLMEngine(graphs, tokenizer, "tiny-chat", defaults), graphs
 
 
 def ask(engine: LLMEngine, history=QUESTION, system="", cancel=None, **params) -> list[Chunk]:
@@ -60,18 +60,18 @@ def prompt_ids(tokenizer: Tokenizer, history, system="") -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def greedy_answer(weights, stories_tokenizer) -> str:
+def greedy_answer(weights, tiny_chat_tokenizer) -> str:
     """40 greedy tokens for QUESTION, computed with the driver directly (not through LLMEngine)."""
     graphs = NumpyGraphs(weights, 256)
-    prompt = prompt_ids(stories_tokenizer, QUESTION)
+    prompt = prompt_ids(tiny_chat_tokenizer, QUESTION)
     ids = list(
         Generation(graphs, prompt, lambda logits, _: int(np.argmax(logits)), 40, (), threading.Event())
     )
-    return stories_tokenizer.decode(ids)
+    return tiny_chat_tokenizer.decode(ids)
 
 
-def test_chunks_carry_the_whole_answer_and_end_with_the_reason(weights, stories_tokenizer, greedy_answer):
-    chunks = ask(make_engine(weights, stories_tokenizer), max_new_tokens=40)
+def test_chunks_carry_the_whole_answer_and_end_with_the_reason(weights, tiny_chat_tokenizer, greedy_answer):
+    chunks = ask(make_engine(weights, tiny_chat_tokenizer), max_new_tokens=40)
 
     assert text_of(chunks) == greedy_answer
     assert all(chunk.text for chunk in chunks[:-1])
@@ -80,28 +80,28 @@ def test_chunks_carry_the_whole_answer_and_end_with_the_reason(weights, stories_
     assert chunks[-1].completion_tokens == 40
     counts = [chunk.completion_tokens for chunk in chunks]
     assert counts == sorted(counts)
-    assert {chunk.prompt_tokens for chunk in chunks} == {len(prompt_ids(stories_tokenizer, QUESTION))}
+    assert {chunk.prompt_tokens for chunk in chunks} == {len(prompt_ids(tiny_chat_tokenizer, QUESTION))}
 
 
 @pytest.mark.parametrize("start", [0, 7, 15, 30])
-def test_stop_strings_cut_the_answer_exactly(weights, stories_tokenizer, greedy_answer, start):
+def test_stop_strings_cut_the_answer_exactly(weights, tiny_chat_tokenizer, greedy_answer, start):
     stop = greedy_answer[start : start + 5]
     assert len(stop) == 5
-    chunks = ask(make_engine(weights, stories_tokenizer), max_new_tokens=40, stop=(stop, "never seen"))
+    chunks = ask(make_engine(weights, tiny_chat_tokenizer), max_new_tokens=40, stop=(stop, "never seen"))
 
     assert text_of(chunks) == greedy_answer[: greedy_answer.index(stop)]
     assert chunks[-1].finish_reason is FinishReason.STOP
     assert all(chunk.text for chunk in chunks[:-1])
 
 
-def test_max_new_tokens_gives_length(weights, stories_tokenizer):
-    chunks = ask(make_engine(weights, stories_tokenizer), max_new_tokens=5)
+def test_max_new_tokens_gives_length(weights, tiny_chat_tokenizer):
+    chunks = ask(make_engine(weights, tiny_chat_tokenizer), max_new_tokens=5)
     assert chunks[-1].finish_reason is FinishReason.LENGTH
     assert chunks[-1].completion_tokens == 5
 
 
-def test_seeded_sampling_is_reproducible(weights, stories_tokenizer):
-    engine = make_engine(weights, stories_tokenizer)
+def test_seeded_sampling_is_reproducible(weights, tiny_chat_tokenizer):
+    engine = make_engine(weights, tiny_chat_tokenizer)
     sampled = [
         text_of(ask(engine, max_new_tokens=30, temperature=0.9, top_p=0.95, seed=s)) for s in (1, 1, 2)
     ]
@@ -119,23 +119,23 @@ def long_conversation() -> tuple[Turn, ...]:
 
 
 def test_context_overflow_drops_the_oldest_turns_and_keeps_system_and_last_user_turn(
-    weights, stories_tokenizer
+    weights, tiny_chat_tokenizer
 ):
     history = long_conversation()
     system = "You tell short stories."
-    whole = len(prompt_ids(stories_tokenizer, history, system))
+    whole = len(prompt_ids(tiny_chat_tokenizer, history, system))
     kept_from = 4  # keep two question/answer pairs and the last question
-    fitting = len(prompt_ids(stories_tokenizer, history[kept_from:], system))
-    one_more = len(prompt_ids(stories_tokenizer, history[kept_from - 2 :], system))
+    fitting = len(prompt_ids(tiny_chat_tokenizer, history[kept_from:], system))
+    one_more = len(prompt_ids(tiny_chat_tokenizer, history[kept_from - 2 :], system))
     seq_len = fitting + 16  # exactly room for MIN_ANSWER_ROOM (16) new tokens
     assert fitting + 16 <= seq_len < one_more + 16 <= whole + 16
-    engine, graphs = probed_engine(weights, stories_tokenizer, seq_len=seq_len)
+    engine, graphs = probed_engine(weights, tiny_chat_tokenizer, seq_len=seq_len)
 
     chunks = ask(engine, history=history, system=system, max_new_tokens=50)
 
     assert chunks[-1].prompt_tokens == fitting
     prefill_ids = graphs.named("embedding")[0].args[0][0].tolist()
-    prompt_text = stories_tokenizer.decode(prefill_ids)
+    prompt_text = tiny_chat_tokenizer.decode(prefill_ids)
     assert system in prompt_text and "Last question: tell me about cats." in prompt_text
     assert (
         "Question 2:" in prompt_text and "Question 1:" not in prompt_text and "Answer 1:" not in prompt_text
@@ -144,16 +144,16 @@ def test_context_overflow_drops_the_oldest_turns_and_keeps_system_and_last_user_
     assert chunks[-1].completion_tokens == seq_len - fitting  # the context, not max_new_tokens, ended it
 
 
-def test_a_last_turn_too_long_for_the_context_is_refused(weights, stories_tokenizer):
-    engine, graphs = probed_engine(weights, stories_tokenizer, seq_len=64)
+def test_a_last_turn_too_long_for_the_context_is_refused(weights, tiny_chat_tokenizer):
+    engine, graphs = probed_engine(weights, tiny_chat_tokenizer, seq_len=64)
     history = (Turn(USER, "Hello there."), Turn(ASSISTANT, "Hi."), Turn(USER, "word " * 80))
     with pytest.raises(RequestError, match="exceeds the model's context of 64 tokens"):
         ask(engine, history=history)
     assert graphs.calls == []  # refused before running anything
 
 
-def test_cancel_stops_within_one_token(weights, stories_tokenizer):
-    engine, graphs = probed_engine(weights, stories_tokenizer)
+def test_cancel_stops_within_one_token(weights, tiny_chat_tokenizer):
+    engine, graphs = probed_engine(weights, tiny_chat_tokenizer)
     cancel = threading.Event()
     chunks = []
     for chunk in engine.generate(ChatRequest("", QUESTION, SamplingParams(max_new_tokens=100)), cancel):
@@ -168,12 +168,14 @@ def test_cancel_stops_within_one_token(weights, stories_tokenizer):
 
 @pytest.mark.parametrize(
     ("fail_at_call", "step"),
-    [(3, "block"), (40, "block_cache")],  # inside the prefill; inside a decode step, after tokens streamed
+    # 2 layers: the prefill is calls 1-4 (embedding, block x2, lm_head), each decode step 4 more. So
+    # inside the prefill; inside the 9th decode step, after tokens streamed.
+    [(3, "block"), (38, "block_cache")],
 )
 def test_a_failing_graph_gives_engine_error_a_zeroed_kv_cache_and_a_fresh_next_answer(
-    weights, stories_tokenizer, greedy_answer, fail_at_call, step
+    weights, tiny_chat_tokenizer, greedy_answer, fail_at_call, step
 ):
-    engine, graphs = probed_engine(weights, stories_tokenizer)
+    engine, graphs = probed_engine(weights, tiny_chat_tokenizer)
     graphs.fail_at_call = fail_at_call
     request = ChatRequest("", QUESTION, SamplingParams(max_new_tokens=40))
     streamed = []
@@ -188,8 +190,8 @@ def test_a_failing_graph_gives_engine_error_a_zeroed_kv_cache_and_a_fresh_next_a
     assert text_of(ask(engine, max_new_tokens=40)) == greedy_answer  # what a fresh engine answers
 
 
-def test_a_reset_that_fails_too_is_reported_with_the_first_failure(weights, stories_tokenizer, monkeypatch):
-    engine, graphs = probed_engine(weights, stories_tokenizer)
+def test_a_reset_that_fails_too_is_reported_with_the_first_failure(weights, tiny_chat_tokenizer, monkeypatch):
+    engine, graphs = probed_engine(weights, tiny_chat_tokenizer)
     graphs.fail_at_call = 3
 
     def lost_device() -> None:
@@ -203,9 +205,9 @@ def test_a_reset_that_fails_too_is_reported_with_the_first_failure(weights, stor
         ask(engine)
 
 
-def test_greedy_only_head_refuses_sampling_requests(weights, stories_tokenizer, greedy_answer, caplog):
+def test_greedy_only_head_refuses_sampling_requests(weights, tiny_chat_tokenizer, greedy_answer, caplog):
     with caplog.at_level(logging.WARNING):
-        engine = make_engine(weights, stories_tokenizer, greedy_head=True, defaults=GenerationDefaults())
+        engine = make_engine(weights, tiny_chat_tokenizer, greedy_head=True, defaults=GenerationDefaults())
     assert "greedy decoding compiled in" in caplog.text
 
     for params in ({"temperature": 0.7}, {"top_k": 40}, {"top_p": 0.5}, {"repetition_penalty": 1.2}):
@@ -227,11 +229,14 @@ def test_greedy_only_head_refuses_sampling_requests(weights, stories_tokenizer, 
         ({"max_new_tokens": 0}, "max_new_tokens"),
     ],
 )
-def test_invalid_parameters_are_request_errors(weights, stories_tokenizer, params, message):
+def test_invalid_parameters_are_request_errors(weights, tiny_chat_tokenizer, params, message):
     with pytest.raises(RequestError, match=message):
-        ask(make_engine(weights, stories_tokenizer), **params)
+        ask(make_engine(weights, tiny_chat_tokenizer), **params)
 
 
-def test_a_conversation_must_end_with_the_user(weights, stories_tokenizer):
+def test_a_conversation_must_end_with_the_user(weights, tiny_chat_tokenizer):
     with pytest.raises(RequestError, match="end with a user turn"):
-        ask(make_engine(weights, stories_tokenizer), history=(*QUESTION, Turn(ASSISTANT, "Once upon a time")))
+        ask(
+            make_engine(weights, tiny_chat_tokenizer),
+            history=(*QUESTION, Turn(ASSISTANT, "Once upon a time")),
+        )

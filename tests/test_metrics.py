@@ -22,7 +22,6 @@ from router.calls import MAX_REQUEST_ID_CHARS, REQUEST_ID_KEY
 from tests.harness import ProcessSet, inference_stub, start_pool, wait_until, write_config
 from tests.harness import free_port as free_port_for_processes
 from tests.router_harness import (
-    EmulatedWorker,
     async_test,
     eventually,
     expect_status,
@@ -30,6 +29,7 @@ from tests.router_harness import (
     read_all,
     request,
     running_router,
+    unregistered_worker,
     workers,
 )
 
@@ -133,8 +133,7 @@ async def test_the_endpoint_counts_calls_by_outcome_times_them_and_shows_the_que
         # One running, one waiting for the only worker: the gauges show it.
         cancelled = router.stream("cancel me")
         running = await worker.next_generate()
-        queued = router.stream("wait for it")
-        await eventually(lambda: router.server.snapshot().queued == 1, "a queued request")
+        queued = await router.queued_stream("wait for it")
         busy = await scrape(port)
         assert busy.value("bm_pool_queue_length") == 1
         assert busy.value("bm_pool_requests_running") == 1
@@ -197,12 +196,9 @@ async def test_lost_workers_show_as_lost_until_a_replacement_registers_in_their_
         )
 
         # hostB's worker restarts: a new pid, so a new id; it takes the place of its own lost record.
-        restarted = EmulatedWorker(router.endpoint, "hostB-dev0-w0-33")
-        try:
+        async with unregistered_worker(router.endpoint, "hostB-dev0-w0-33") as restarted:
             await restarted.register()
             replaced = await scrape(port)
-        finally:
-            await restarted.close()
         assert worker_states(replaced) == {
             "keeper": "idle",
             "hostA-dev0-w0-11": "lost",

@@ -38,7 +38,6 @@ from tests.harness import (
     wait_until,
     write_config,
 )
-from tests.tiny_chat_model import write_tiny_chat_model
 from worker.core.request import ASSISTANT, USER, Turn
 from worker.core.tokenizer import load_tokenizer
 
@@ -98,11 +97,6 @@ def prompt_tokens(model: Path, history: tuple[Turn, ...]) -> int:
 # ---- pools
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat-model"))
-
-
 def tiny_pool_config(directory: Path, model: Path) -> ConfigFile:
     """Two numpy workers of the tiny model, with the harness's quick heartbeats and backoffs."""
     return write_config(
@@ -124,11 +118,11 @@ def tiny_pool_config(directory: Path, model: Path) -> ConfigFile:
 
 
 @pytest.fixture(scope="module")
-def pool(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[Pool]:
+def pool(tmp_path_factory: pytest.TempPathFactory, tiny_chat_model: Path) -> Iterator[Pool]:
     """One tiny pool shared by the tests that leave it as they found it (all workers idle)."""
     directory = tmp_path_factory.mktemp("tiny-pool")
     with ProcessSet(directory) as procs:
-        pool = start_pool(procs, tiny_pool_config(directory, tiny_model))
+        pool = start_pool(procs, tiny_pool_config(directory, tiny_chat_model))
         yield pool
         pool.channel.close()
 
@@ -136,7 +130,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator
 # ---- the seed's request and the frame contract
 
 
-def test_the_seed_request_streams_frames_as_the_contract_says(pool, tiny_model):
+def test_the_seed_request_streams_frames_as_the_contract_says(pool, tiny_chat_model):
     frames = stream(pool, SEED_REQUEST)
 
     assert len(frames) >= 2
@@ -152,13 +146,13 @@ def test_the_seed_request_streams_frames_as_the_contract_says(pool, tiny_model):
     assert all(frame.create_time.seconds > 0 for frame in frames)
     times = [frame.create_time.ToNanoseconds() for frame in frames]
     assert times == sorted(times)
-    expected_prompt = prompt_tokens(tiny_model, (Turn(USER, "你好"),))
+    expected_prompt = prompt_tokens(tiny_chat_model, (Turn(USER, "你好"),))
     assert {frame.prompt_tokens for frame in frames} == {expected_prompt}
     assert pid_of(the_worker(frames)) in {process.pid for process in pool.worker_processes()}
     assert text_of(frames)
 
 
-def test_a_multi_turn_history_reaches_the_model_whole(pool, tiny_model):
+def test_a_multi_turn_history_reaches_the_model_whole(pool, tiny_chat_model):
     history = (
         Turn(USER, "Tell me a story about a cat."),
         Turn(ASSISTANT, "Once upon a time there was a little cat."),
@@ -172,8 +166,8 @@ def test_a_multi_turn_history_reaches_the_model_whole(pool, tiny_model):
     )
     frames = stream(pool, request)
 
-    assert {frame.prompt_tokens for frame in frames} == {prompt_tokens(tiny_model, history)}
-    assert prompt_tokens(tiny_model, history) > prompt_tokens(tiny_model, history[-1:]) + 10
+    assert {frame.prompt_tokens for frame in frames} == {prompt_tokens(tiny_chat_model, history)}
+    assert prompt_tokens(tiny_chat_model, history) > prompt_tokens(tiny_chat_model, history[-1:]) + 10
     assert frames[-1].finished and frames[-1].token_usage == 12
     assert text_of(frames) != text_of(stream(pool, greedy("And then?", 12)))  # the earlier turns mattered
 
@@ -301,9 +295,9 @@ def test_cancel_mid_stream_frees_the_worker(pool):
 # ---- a worker killed mid-stream (its own pool: the test restarts a worker)
 
 
-def test_a_worker_killed_mid_stream_fails_its_stream_and_is_restarted(tmp_path, tiny_model):
+def test_a_worker_killed_mid_stream_fails_its_stream_and_is_restarted(tmp_path, tiny_chat_model):
     with ProcessSet(tmp_path) as procs:
-        pool = start_pool(procs, tiny_pool_config(tmp_path, tiny_model))
+        pool = start_pool(procs, tiny_pool_config(tmp_path, tiny_chat_model))
         registered_before = registered_worker_ids(pool.supervisor)
         stub = inference_stub(pool.channel)
         doomed = stub.StreamComplete(greedy("A very long story, please.", LONG), timeout=TIMEOUT_S)

@@ -5,13 +5,11 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import grpc
-import pytest
 
 from protos import inference_pb2 as api
-from tests.harness import REPO, ProcessSet, inference_stub, start_pool, wait_serving, wait_until, write_config
+from tests.harness import REPO, inference_stub, start_pool, wait_serving, wait_until, write_config
 
 SEED_REQUEST = api.CompletionRequest(
     system_message="You are a helpful assistant.", history=[api.ChatMessage(role=1, content="你好")]
@@ -24,12 +22,6 @@ def run_chat(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, str(script), *args], capture_output=True, text=True, cwd="/", timeout=60
     )
-
-
-@pytest.fixture
-def procs(tmp_path: Path):
-    with ProcessSet(tmp_path) as procs:
-        yield procs
 
 
 def test_the_pool_streams_the_seed_request_and_stops_cleanly(procs, tmp_path):

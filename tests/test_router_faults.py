@@ -11,7 +11,7 @@ import zmq
 import zmq.asyncio
 
 from common import wire
-from protos import worker_pb2
+from protos import inference_pb2, worker_pb2
 from tests.router_harness import (
     EmulatedWorker,
     async_test,
@@ -20,15 +20,28 @@ from tests.router_harness import (
     read_all,
     request,
     running_router,
+    unregistered_worker,
     workers,
 )
+
+
+async def serve_the_rerun(
+    worker: EmulatedWorker,
+    generate: worker_pb2.Generate,
+    call: grpc.aio.UnaryStreamCall,
+    text: str,
+) -> list[inference_pb2.Completion]:
+    """`worker` is given the request of `generate` again and answers `text`; the frames of the call."""
+    again = await worker.next_generate()
+    assert again.request_id == generate.request_id
+    await worker.serve(again, [text])
+    return await read_all(call)
 
 
 @async_test
 async def test_a_client_cancel_reaches_the_worker_which_is_then_free_again():
     async with running_router() as router, workers(router.endpoint, "w1") as (worker,):
-        call = router.stream("long story")
-        generate = await worker.next_generate()
+        call, generate = await router.started_stream(worker, "long story")
         worker.chunk(generate.request_id, "Once", 1)
         assert (await call.read()).output_text == "Once"
         call.cancel()
@@ -37,8 +50,7 @@ async def test_a_client_cancel_reaches_the_worker_which_is_then_free_again():
         assert router.server.snapshot().running == 1  # busy until the worker confirms
         worker.chunk(generate.request_id, "", 1, finish=worker_pb2.FINISH_CANCELLED)
         await eventually(lambda: router.server.snapshot().workers_idle == 1, "the worker idle again")
-        next_call = router.stream("next")
-        next_generate = await worker.next_generate()
+        next_call, next_generate = await router.started_stream(worker, "next")
         assert next_generate.history[0].content == "next"
         await worker.serve(next_generate, ["fine"])
         assert "".join(frame.output_text for frame in await read_all(next_call)) == "fine"
@@ -60,22 +72,17 @@ async def test_a_complete_call_whose_deadline_passes_on_a_worker_cancels_the_gen
 @async_test
 async def test_a_call_cancelled_while_queued_never_reaches_a_worker():
     async with running_router() as router:
-        call = router.stream("never mind")
-        await eventually(lambda: router.server.snapshot().queued == 1, "the request queued")
+        call = await router.queued_stream("never mind")
         call.cancel()
         await eventually(lambda: router.server.snapshot().open_calls == 0, "the call closed")
         assert router.server.snapshot().queued == 0
-        async with workers(router.endpoint, "w1") as (worker,):
-            call = router.stream("wanted")
-            assert (await worker.next_generate()).history[0].content == "wanted"
-            call.cancel()
+        await router.assert_the_next_request_reaches_a_worker()
 
 
 @async_test
 async def test_a_worker_that_never_confirms_a_cancel_is_dropped_as_lost():
     async with running_router() as router, workers(router.endpoint, "w1") as (worker,):
-        call = router.stream("x")
-        generate = await worker.next_generate()
+        call, generate = await router.started_stream(worker, "x")
         call.cancel()
         await worker.next("cancel")
         disconnect = await worker.next("disconnect")  # heartbeats go on, but no final chunk
@@ -87,8 +94,7 @@ async def test_a_worker_that_never_confirms_a_cancel_is_dropped_as_lost():
 @async_test
 async def test_a_request_on_a_lost_worker_that_sent_nothing_runs_again_elsewhere():
     async with running_router() as router, workers(router.endpoint, "w1") as (w1,):
-        call = router.stream("important")
-        generate = await w1.next_generate()
+        call, generate = await router.started_stream(w1, "important")
         async with workers(router.endpoint, "w2") as (w2,):
             w1.stop_heartbeats()
             assert "no message for" in (await w1.next("disconnect")).reason
@@ -105,8 +111,7 @@ async def test_a_request_on_a_lost_worker_that_sent_nothing_runs_again_elsewhere
 @async_test
 async def test_a_request_on_a_lost_worker_that_already_sent_frames_fails_with_unavailable():
     async with running_router() as router, workers(router.endpoint, "w1", "w2") as (w1, w2):
-        call = router.stream("x")
-        generate = await w1.next_generate()
+        call, generate = await router.started_stream(w1, "x")
         w1.chunk(generate.request_id, "partial", 1)
         assert (await call.read()).output_text == "partial"
         w1.stop_heartbeats()
@@ -134,35 +139,26 @@ async def test_a_request_is_run_again_only_once():
 @async_test
 async def test_a_worker_that_disconnects_is_lost_and_its_request_runs_again():
     async with running_router() as router, workers(router.endpoint, "w1", "w2") as (w1, w2):
-        call = router.stream("x")
-        generate = await w1.next_generate()
+        call, generate = await router.started_stream(w1, "x")
         w1.send(worker_pb2.Disconnect(reason="shutting down"))
-        again = await w2.next_generate()
-        assert again.request_id == generate.request_id
-        await w2.serve(again, ["ok"])
-        assert (await read_all(call))[-1].worker_id == "w2"
+        assert (await serve_the_rerun(w2, generate, call, "ok"))[-1].worker_id == "w2"
         assert router.server.snapshot().workers_lost == 1
 
 
 @async_test
 async def test_a_generation_the_worker_cancelled_on_its_own_runs_again():
     async with running_router() as router, workers(router.endpoint, "w1") as (worker,):
-        call = router.stream("x")
-        generate = await worker.next_generate()
+        call, generate = await router.started_stream(worker, "x")
         worker.chunk(generate.request_id, "", 0, finish=worker_pb2.FINISH_CANCELLED)
-        again = await worker.next_generate()
-        assert again.request_id == generate.request_id
-        await worker.serve(again, ["second try"])
-        assert "".join(frame.output_text for frame in await read_all(call)) == "second try"
+        frames = await serve_the_rerun(worker, generate, call, "second try")
+        assert "".join(frame.output_text for frame in frames) == "second try"
 
 
 @async_test
 async def test_chunks_for_requests_a_worker_is_not_running_are_dropped():
     async with running_router() as router, workers(router.endpoint, "w1", "w2") as (w1, w2):
-        call_1 = router.stream("one")
-        generate_1 = await w1.next_generate()
-        call_2 = router.stream("two")
-        generate_2 = await w2.next_generate()
+        call_1, generate_1 = await router.started_stream(w1, "one")
+        call_2, generate_2 = await router.started_stream(w2, "two")
         w1.chunk(generate_2.request_id, "INTRUDER", 1)  # another worker's request
         w1.chunk("no-such-request", "GHOST", 1)
         w1.chunk(generate_1.request_id, "mine", 1)
@@ -185,18 +181,17 @@ async def test_chunks_for_requests_a_worker_is_not_running_are_dropped():
 @async_test
 async def test_garbage_on_the_worker_socket_is_dropped_and_the_router_keeps_serving():
     async with running_router() as router:
-        vandal = EmulatedWorker(router.endpoint, "vandal")
-        vandal.send_raw(b"\xff\x00garbage")
-        vandal.send_raw(b"")
-        vandal.send_raw(b"two", b"frames")
-        vandal.send_raw(worker_pb2.Chunk(request_id="x").SerializeToString())  # not an Envelope
-        vandal.send(worker_pb2.Generate(request_id="y"))  # a router-to-worker type, unregistered
-        assert "not registered" in (await vandal.next("disconnect")).reason
-        await vandal.register()
-        vandal.send(worker_pb2.Welcome())  # a type workers never send, from a registered peer
-        vandal.send(worker_pb2.Disconnect(reason="done vandalising"))
-        await eventually(lambda: router.server.snapshot().workers_lost == 1, "the vandal gone")
-        await vandal.close()
+        async with unregistered_worker(router.endpoint, "vandal") as vandal:
+            vandal.send_raw(b"\xff\x00garbage")
+            vandal.send_raw(b"")
+            vandal.send_raw(b"two", b"frames")
+            vandal.send_raw(worker_pb2.Chunk(request_id="x").SerializeToString())  # not an Envelope
+            vandal.send(worker_pb2.Generate(request_id="y"))  # a router-to-worker type, unregistered
+            assert "not registered" in (await vandal.next("disconnect")).reason
+            await vandal.register()
+            vandal.send(worker_pb2.Welcome())  # a type workers never send, from a registered peer
+            vandal.send(worker_pb2.Disconnect(reason="done vandalising"))
+            await eventually(lambda: router.server.snapshot().workers_lost == 1, "the vandal gone")
 
         oversized = zmq.asyncio.Context.instance().socket(zmq.DEALER)
         oversized.setsockopt(zmq.LINGER, 0)
@@ -212,63 +207,49 @@ async def test_garbage_on_the_worker_socket_is_dropped_and_the_router_keeps_serv
 
 @async_test
 async def test_an_unregistered_peer_is_told_to_register():
-    async with running_router() as router:
-        stranger = EmulatedWorker(router.endpoint, "stranger")
-        try:
-            stranger.send(worker_pb2.Heartbeat())
-            assert "not registered" in (await stranger.next("disconnect")).reason
-        finally:
-            await stranger.close()
+    async with running_router() as router, unregistered_worker(router.endpoint, "stranger") as stranger:
+        stranger.send(worker_pb2.Heartbeat())
+        assert "not registered" in (await stranger.next("disconnect")).reason
 
 
 @async_test
 async def test_a_flooding_unregistered_peer_gets_one_disconnect_per_heartbeat_interval():
-    async with running_router(heartbeat_interval_s=0.5) as router:
-        flooder = EmulatedWorker(router.endpoint, "flooder")
-        try:
-            for _ in range(200):
-                flooder.send(worker_pb2.Heartbeat())
-            await flooder.next("disconnect")
-            await asyncio.sleep(0.2)  # well inside the interval: the rest of the flood goes unanswered
-            assert flooder.pending("disconnect") == 0
-            await asyncio.sleep(0.4)  # a new interval: the peer is told again
+    async with (
+        running_router(heartbeat_interval_s=0.5) as router,
+        unregistered_worker(router.endpoint, "flooder") as flooder,
+    ):
+        for _ in range(200):
             flooder.send(worker_pb2.Heartbeat())
-            assert "not registered" in (await flooder.next("disconnect")).reason
-        finally:
-            await flooder.close()
+        await flooder.next("disconnect")
+        await asyncio.sleep(0.2)  # well inside the interval: the rest of the flood goes unanswered
+        assert flooder.pending("disconnect") == 0
+        await asyncio.sleep(0.4)  # a new interval: the peer is told again
+        flooder.send(worker_pb2.Heartbeat())
+        assert "not registered" in (await flooder.next("disconnect")).reason
 
 
 @async_test
 async def test_a_hello_with_another_protocol_version_is_refused():
-    async with running_router() as router:
-        old = EmulatedWorker(router.endpoint, "old")
-        try:
-            old.hello(protocol_version=wire.PROTOCOL_VERSION + 1)
-            reason = (await old.next("disconnect")).reason
-            assert f"protocol version {wire.PROTOCOL_VERSION + 1} is not supported" in reason
-            assert old.pending("welcome") == 0
-            assert router.server.snapshot().workers_idle == 0
-        finally:
-            await old.close()
+    async with running_router() as router, unregistered_worker(router.endpoint, "old") as old:
+        old.hello(protocol_version=wire.PROTOCOL_VERSION + 1)
+        reason = (await old.next("disconnect")).reason
+        assert f"protocol version {wire.PROTOCOL_VERSION + 1} is not supported" in reason
+        assert old.pending("welcome") == 0
+        assert router.server.snapshot().workers_idle == 0
 
 
 @async_test
 async def test_a_hello_without_a_worker_id_is_refused():
-    async with running_router() as router:
-        anonymous = EmulatedWorker(router.endpoint, "")
-        try:
-            anonymous.hello()
-            assert "without a worker_id" in (await anonymous.next("disconnect")).reason
-            assert router.server.snapshot().workers_idle == 0
-        finally:
-            await anonymous.close()
+    async with running_router() as router, unregistered_worker(router.endpoint, "") as anonymous:
+        anonymous.hello()
+        assert "without a worker_id" in (await anonymous.next("disconnect")).reason
+        assert router.server.snapshot().workers_idle == 0
 
 
 @async_test
 async def test_a_restarted_worker_replaces_its_predecessor_and_fails_its_started_request():
     async with running_router() as router, workers(router.endpoint, "w1") as (old,):
-        call = router.stream("x")
-        generate = await old.next_generate()
+        call, generate = await router.started_stream(old, "x")
         old.chunk(generate.request_id, "half", 1)
         assert (await call.read()).output_text == "half"
         async with workers(router.endpoint, "w1") as (new,):  # same worker id, new process
@@ -286,14 +267,10 @@ async def test_a_restarted_worker_replaces_its_predecessor_and_fails_its_started
 @async_test
 async def test_a_worker_that_says_hello_again_on_the_same_socket_gets_its_unstarted_request_back():
     async with running_router() as router, workers(router.endpoint, "w1") as (worker,):
-        call = router.stream("x")
-        generate = await worker.next_generate()
+        call, generate = await router.started_stream(worker, "x")
         worker.current = None  # it forgot everything, as after a reconnect
         await worker.register()
-        again = await worker.next_generate()
-        assert again.request_id == generate.request_id
-        await worker.serve(again, ["done"])
-        assert (await read_all(call))[-1].finished
+        assert (await serve_the_rerun(worker, generate, call, "done"))[-1].finished
         assert worker.pending("disconnect") == 0  # re-registering must not be answered with a Disconnect
 
 

@@ -10,6 +10,8 @@ import grpc
 from protos import inference_pb2, worker_pb2
 from router.job import MAX_UPDATE_CHARS, Job, JobFailed
 from tests.router_harness import (
+    EmulatedWorker,
+    RouterUnderTest,
     async_test,
     eventually,
     expect_status,
@@ -102,8 +104,7 @@ async def test_a_client_that_does_not_read_gets_the_whole_text_in_fewer_frames()
     piece = "字" * 700  # 2.1 kB of UTF-8 per chunk, 8 MB in all: far beyond gRPC's flow-control windows
     count = 4000
     async with running_router() as router, workers(router.endpoint, "w1") as (worker,):
-        call = router.stream("talk a lot")
-        generate = await worker.next_generate()
+        call, generate = await router.started_stream(worker, "talk a lot")
         for tokens in range(1, count + 1):
             worker.chunk(generate.request_id, piece, tokens)
             if tokens % 100 == 0:
@@ -120,41 +121,47 @@ async def test_a_client_that_does_not_read_gets_the_whole_text_in_fewer_frames()
     assert [frame.finished for frame in frames].count(True) == 1 and frames[-1].finished
 
 
+async def statuses_of_an_error_before_any_frame(
+    router: RouterUnderTest, worker: EmulatedWorker, error_kind: int, message: str, code: grpc.StatusCode
+) -> list[str]:
+    """A streamed and then a unary call, each answered by the worker with an error chunk before any
+    text; each must fail with `code`. The status details of both."""
+    details = []
+    for start in (lambda: read_all(router.stream("x")), lambda: router.stub.Complete(request("x"))):
+        call = asyncio.ensure_future(start())
+        generate = await worker.next_generate()
+        worker.chunk(generate.request_id, "", 0, error_kind=error_kind, error_message=message)
+        details.append(await expect_status(call, code))
+    return details
+
+
 @async_test
 async def test_a_request_the_worker_refuses_ends_with_invalid_argument():
     async with running_router() as router, workers(router.endpoint, "w1") as (worker,):
-        for start in (lambda: read_all(router.stream("x")), lambda: router.stub.Complete(request("x"))):
-            call = asyncio.ensure_future(start())
-            generate = await worker.next_generate()
-            worker.chunk(
-                generate.request_id,
-                "",
-                0,
-                error_kind=worker_pb2.ERROR_INVALID_REQUEST,
-                error_message="the last user turn alone (9000 tokens) exceeds the context (4096)",
-            )
-            details = await expect_status(call, grpc.StatusCode.INVALID_ARGUMENT)
-            assert "exceeds the context" in details
+        details = await statuses_of_an_error_before_any_frame(
+            router,
+            worker,
+            worker_pb2.ERROR_INVALID_REQUEST,
+            "the last user turn alone (9000 tokens) exceeds the context (4096)",
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )
+    assert len(details) == 2 and all("exceeds the context" in detail for detail in details)
 
 
 @async_test
 async def test_an_engine_error_before_any_frame_is_an_internal_status():
     async with running_router() as router, workers(router.endpoint, "w1") as (worker,):
-        for start in (lambda: read_all(router.stream("x")), lambda: router.stub.Complete(request("x"))):
-            call = asyncio.ensure_future(start())
-            generate = await worker.next_generate()
-            worker.chunk(
-                generate.request_id, "", 0, error_kind=worker_pb2.ERROR_ENGINE, error_message="chip OOM"
-            )
-            assert await expect_status(call, grpc.StatusCode.INTERNAL) == "chip OOM"
+        details = await statuses_of_an_error_before_any_frame(
+            router, worker, worker_pb2.ERROR_ENGINE, "chip OOM", grpc.StatusCode.INTERNAL
+        )
+        assert details == ["chip OOM", "chip OOM"]
         assert router.server.snapshot().workers_idle == 1  # the worker serves the next request
 
 
 @async_test
 async def test_an_engine_error_after_frames_ends_the_stream_with_an_error_frame():
     async with running_router() as router, workers(router.endpoint, "w1") as (worker,):
-        call = router.stream("x")
-        generate = await worker.next_generate()
+        call, generate = await router.started_stream(worker, "x")
         worker.chunk(generate.request_id, "Hel", 1)
         first = await call.read()
         worker.chunk(generate.request_id, "lo", 2)

@@ -23,8 +23,7 @@ from tests.router_harness import (
 @async_test
 async def test_a_request_streams_the_workers_chunks_as_completions():
     async with running_router() as router, workers(router.endpoint, "w1") as (worker,):
-        call = router.stream("你好", temperature=0.0, max_new_tokens=20)
-        generate = await worker.next_generate()
+        call, generate = await router.started_stream(worker, "你好", temperature=0.0, max_new_tokens=20)
         assert generate.history[0].content == "你好"
         assert generate.params.HasField("temperature") and generate.params.temperature == 0.0
         assert not generate.params.HasField("top_p")  # absent stays absent: the worker's default
@@ -47,11 +46,7 @@ async def test_a_request_streams_the_workers_chunks_as_completions():
 @async_test
 async def test_queued_requests_are_served_in_arrival_order():
     async with running_router() as router:
-        calls = []
-        for prompt in ("first", "second", "third"):
-            calls.append(router.stream(prompt))
-            queued = len(calls)
-            await eventually(lambda: router.server.snapshot().queued == queued, "the request queued")  # noqa: B023
+        calls = [await router.queued_stream(prompt) for prompt in ("first", "second", "third")]
         async with workers(router.endpoint, "w1") as (worker,):
             for prompt, call in zip(("first", "second", "third"), calls, strict=True):
                 generate = await worker.next_generate()
@@ -66,8 +61,7 @@ async def test_the_least_recently_used_idle_worker_gets_the_next_request():
     async with running_router() as router, workers(router.endpoint, "w1", "w2") as (w1, w2):
         call_a = router.stream("a")
         generate_a = await w1.next_generate()  # w1 registered first: idle the longest
-        call_b = router.stream("b")
-        generate_b = await w2.next_generate()
+        call_b, generate_b = await router.started_stream(w2, "b")
         await w2.serve(generate_b, ["B"])  # w2 becomes idle first ...
         await read_all(call_b)
         await w1.serve(generate_a, ["A"])  # ... then w1
@@ -106,8 +100,7 @@ async def test_more_requests_than_workers_never_share_a_worker_and_all_complete(
 @async_test
 async def test_a_request_waits_for_a_worker_that_registers_later():
     async with running_router() as router:
-        call = router.stream("early")
-        await eventually(lambda: router.server.snapshot().queued == 1, "the request queued")
+        call = await router.queued_stream("early")
         async with workers(router.endpoint, "late") as (worker,):
             generate = await worker.next_generate()
             await worker.serve(generate, ["ok"])
@@ -134,10 +127,7 @@ async def test_a_request_waiting_past_the_queue_timeout_fails_and_never_reaches_
         details = await expect_status(read_all(router.stream("too late")), grpc.StatusCode.DEADLINE_EXCEEDED)
         assert "queue timeout" in details and "not started" in details
         assert router.server.snapshot().queued == 0
-        async with workers(router.endpoint, "w1") as (worker,):
-            call = router.stream("next")
-            assert (await worker.next_generate()).history[0].content == "next"
-            call.cancel()
+        await router.assert_the_next_request_reaches_a_worker()
 
 
 @async_test
@@ -149,10 +139,7 @@ async def test_a_request_waiting_past_its_grpc_deadline_never_reaches_a_worker()
         )
         await expect_status(read_all(call), grpc.StatusCode.DEADLINE_EXCEEDED)
         await eventually(lambda: router.server.snapshot().queued == 0, "the queue emptied")
-        async with workers(router.endpoint, "w1") as (worker,):
-            call = router.stream("next")
-            assert (await worker.next_generate()).history[0].content == "next"
-            call.cancel()
+        await router.assert_the_next_request_reaches_a_worker()
 
 
 @async_test

@@ -86,8 +86,7 @@ async def test_reflection_lists_the_services():
 async def test_drain_refuses_new_calls_and_lets_open_streams_finish():
     async with running_router() as router, workers(router.endpoint, "w1") as (worker,):
         await health_becomes(router.channel, SERVING)
-        call = router.stream("finish me")
-        generate = await worker.next_generate()
+        call, generate = await router.started_stream(worker, "finish me")
         worker.chunk(generate.request_id, "half", 1)
         assert (await call.read()).output_text == "half"
         drain = asyncio.create_task(router.server.drain())
@@ -104,8 +103,7 @@ async def test_drain_refuses_new_calls_and_lets_open_streams_finish():
 @async_test
 async def test_a_drain_that_times_out_ends_open_calls_with_unavailable_and_cancels_the_work():
     async with running_router(drain_timeout_s=0.3) as router, workers(router.endpoint, "w1") as (worker,):
-        call = router.stream("endless")
-        generate = await worker.next_generate()
+        call, generate = await router.started_stream(worker, "endless")
         drain = asyncio.create_task(router.server.drain())
         details = await expect_status(read_all(call), grpc.StatusCode.UNAVAILABLE)
         assert "drain timeout" in details
@@ -162,8 +160,7 @@ def test_the_router_process_refuses_a_bad_config_with_a_message():
 @async_test
 async def test_the_snapshot_counts_queue_calls_and_workers():
     async with running_router() as router:
-        call = router.stream("waiting")
-        await eventually(lambda: router.server.snapshot().queued == 1, "the request queued")
+        call = await router.queued_stream("waiting")
         snapshot = router.server.snapshot()
         assert (snapshot.queued, snapshot.running, snapshot.open_calls) == (1, 0, 1)
         async with workers(router.endpoint, "w1", "w2") as (w1, _):

@@ -41,6 +41,7 @@ EOS = {151643, 151645}
 # "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n" in Qwen2.5 ids.
 PROMPT = [151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198, 151644, 872, 198]
 NEW_TOKENS = 24
+GREEDY_DEFAULTS = GenerationDefaults(max_new_tokens=NEW_TOKENS, temperature=0.0, repetition_penalty=1.0)
 # Largest logit difference to the float32 numpy backend that rounding the graphs' IO allows
 # (logits here are about +-5; measured 0.0024 for F16 and 0.016 for BF16).
 LOGIT_TOLERANCE = {"float16": 0.01, "bfloat16": 0.05}
@@ -112,11 +113,12 @@ def sail(monkeypatch: pytest.MonkeyPatch) -> Iterator:
 
 @pytest.fixture
 def write_bmodel(sail, tmp_path: Path, checkpoint: Path) -> Callable[..., Path]:
-    """Writes a stand-in bmodel of the tiny checkpoint with the given compile options."""
+    """Writes a stand-in bmodel of a checkpoint (the tiny Qwen2 over the real vocabulary size unless
+    `model` names another) with the given compile options."""
     from sophon._bmodel import write_bmodel
 
-    def write(**options: object) -> Path:
-        return write_bmodel(tmp_path / "tiny.bmodel", checkpoint, seq_len=SEQ_LEN, **options)
+    def write(model: Path = checkpoint, **options: object) -> Path:
+        return write_bmodel(tmp_path / "tiny.bmodel", model, seq_len=SEQ_LEN, **options)
 
     return write
 
@@ -212,13 +214,17 @@ def test_masks_arrive_as_the_compiled_dtypes_bits(write_bmodel, sail, monkeypatc
 
 
 @pytest.fixture
-def qwen_engines(write_bmodel, weights, qwen25_tokenizer) -> Callable[..., tuple[LLMEngine, LLMEngine]]:
+def chat_engines(
+    write_bmodel, tiny_chat_model, tiny_chat_tokenizer
+) -> Callable[..., tuple[LLMEngine, LLMEngine]]:
+    """The tests' tiny chat model through the sail adapter and through the numpy backend."""
+
     def engines(**options: object) -> tuple[LLMEngine, LLMEngine]:
         # Plain greedy for both: a greedy-only bmodel takes no repetition penalty either.
-        defaults = GenerationDefaults(max_new_tokens=NEW_TOKENS, temperature=0.0, repetition_penalty=1.0)
-        sail_engine = LLMEngine(SailGraphs(write_bmodel(**options)), qwen25_tokenizer, "tiny", defaults)
-        numpy_graphs = NumpyGraphs(weights, SEQ_LEN, is_dynamic=False)
-        return sail_engine, LLMEngine(numpy_graphs, qwen25_tokenizer, "tiny", defaults)
+        sail_graphs = SailGraphs(write_bmodel(tiny_chat_model, **options))
+        numpy_graphs = NumpyGraphs(load_hf_checkpoint(tiny_chat_model), SEQ_LEN, is_dynamic=False)
+        sail_engine = LLMEngine(sail_graphs, tiny_chat_tokenizer, "tiny", GREEDY_DEFAULTS)
+        return sail_engine, LLMEngine(numpy_graphs, tiny_chat_tokenizer, "tiny", GREEDY_DEFAULTS)
 
     return engines
 
@@ -229,15 +235,15 @@ def answer(engine: LLMEngine, params: SamplingParams) -> str:
 
 
 @pytest.mark.parametrize("lm_head", ["logits", "token_id"])
-def test_chat_answers_match_the_numpy_backend(qwen_engines, lm_head):
-    sail_engine, numpy_engine = qwen_engines(lm_head=lm_head, io_dtype="bfloat16", addr_mode=1)
+def test_chat_answers_match_the_numpy_backend(chat_engines, lm_head):
+    sail_engine, numpy_engine = chat_engines(lm_head=lm_head, io_dtype="bfloat16", addr_mode=1)
     assert sail_engine.context_size == SEQ_LEN
     greedy_params = SamplingParams(temperature=0.0)
     assert answer(sail_engine, greedy_params) == answer(numpy_engine, greedy_params) != ""
 
 
-def test_sampling_is_refused_when_greedy_is_compiled_in(qwen_engines):
-    sail_engine, _ = qwen_engines(lm_head="token_id")
+def test_sampling_is_refused_when_greedy_is_compiled_in(chat_engines):
+    sail_engine, _ = chat_engines(lm_head="token_id")
     with pytest.raises(RequestError, match="greedy decoding compiled into its bmodel"):
         answer(sail_engine, SamplingParams(temperature=0.8, seed=1))
     assert answer(sail_engine, SamplingParams(temperature=0.0)) != ""  # and greedy still works after
@@ -289,16 +295,16 @@ def device_engines(sail, monkeypatch) -> list:
 
 
 def greedy_chat_engine(bmodel: Path, tokenizer) -> LLMEngine:
-    defaults = GenerationDefaults(max_new_tokens=NEW_TOKENS, temperature=0.0, repetition_penalty=1.0)
-    return LLMEngine(SailGraphs(bmodel), tokenizer, "tiny", defaults)
+    return LLMEngine(SailGraphs(bmodel), tokenizer, "tiny", GREEDY_DEFAULTS)
 
 
 def test_a_failed_generation_leaves_zeroed_kv_buffers_and_a_fresh_next_answer(
-    write_bmodel, sail, monkeypatch, device_engines, qwen25_tokenizer
+    write_bmodel, sail, monkeypatch, device_engines, tiny_chat_model, tiny_chat_tokenizer
 ):
-    bmodel = write_bmodel(addr_mode=1, io_dtype="bfloat16")  # the KV cache is block_cache_i's own inputs
-    engine = greedy_chat_engine(bmodel, qwen25_tokenizer)
-    fresh_answer = answer(greedy_chat_engine(bmodel, qwen25_tokenizer), GREEDY)
+    # addr_mode 1: the KV cache is block_cache_i's own inputs.
+    bmodel = write_bmodel(tiny_chat_model, addr_mode=1, io_dtype="bfloat16")
+    engine = greedy_chat_engine(bmodel, tiny_chat_tokenizer)
+    fresh_answer = answer(greedy_chat_engine(bmodel, tiny_chat_tokenizer), GREEDY)
     device = device_engines[0]
     decode_steps: list[str] = []
     process = sail.EngineLLM.process
@@ -325,12 +331,12 @@ def test_a_failed_generation_leaves_zeroed_kv_buffers_and_a_fresh_next_answer(
 
 
 def test_a_host_input_a_failure_left_half_written_is_written_again(
-    write_bmodel, sail, monkeypatch, qwen25_tokenizer
+    write_bmodel, sail, monkeypatch, tiny_chat_model, tiny_chat_tokenizer
 ):
     """The adapter skips copying a mask equal to the last one it wrote; after a copy failed half-way
     the device holds neither, so reset must make the next request write it again."""
-    bmodel = write_bmodel(dynamic=False)  # every prefill mask is [1, 1, SEQ_LEN, SEQ_LEN]
-    engine = greedy_chat_engine(bmodel, qwen25_tokenizer)
+    bmodel = write_bmodel(tiny_chat_model, dynamic=False)  # every prefill mask is [1, 1, SEQ_LEN, SEQ_LEN]
+    engine = greedy_chat_engine(bmodel, tiny_chat_tokenizer)
     first_answer = answer(engine, GREEDY)  # leaves this prompt's mask on the device
     copy = sail.Tensor.update_data
 
@@ -516,15 +522,15 @@ def test_chip_check_without_sophon_sail_exits_2():
     assert result.stdout == ""
 
 
-def test_chip_check_prints_each_device_beside_the_published_figures(checkpoint, fixtures_dir, tmp_path, sail):
+def test_chip_check_prints_each_device_beside_the_published_figures(tiny_chat_model, tmp_path, sail):
     from sophon._bmodel import write_bmodel as write_standin_bmodel
 
     name = "qwen-7b_int4_seq512_1dev.bmodel"  # the published figures' model, as a stand-in of the tiny one
-    bmodel = write_standin_bmodel(tmp_path / name, checkpoint, seq_len=512, lm_head="token_id")
+    bmodel = write_standin_bmodel(tmp_path / name, tiny_chat_model, seq_len=512, lm_head="token_id")
     config = tmp_path / "chip.yaml"
     config.write_text(
         "model:\n  name: tiny\n  engine: sail\n"
-        f"  path: {bmodel}\n  tokenizer: {fixtures_dir / 'qwen2.5-tokenizer'}\n"
+        f"  path: {bmodel}\n  tokenizer: {tiny_chat_model}\n"
         "workers:\n  devices: [0, 1]\n"
     )
     env = {**os.environ, "PYTHONPATH": str(FAKE_SAIL), sail.TPU_NUM_ENV: "2"}

@@ -7,17 +7,10 @@ import signal
 from pathlib import Path
 
 import psutil
-import pytest
 
 from common.config import ModelConfig, PoolConfig, WorkersConfig, load_config
 from supervisor.supervisor import Backoff, cpu_budget_problem
 from tests.harness import ProcessSet, free_port, start_pool, wait_until, worker_processes, write_config
-
-
-@pytest.fixture
-def procs(tmp_path: Path):
-    with ProcessSet(tmp_path) as procs:
-        yield procs
 
 
 def workers_by_device(supervisor) -> dict[str, psutil.Process]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import struct
 from pathlib import Path
@@ -73,15 +74,37 @@ def test_qwen25_vocab_merges_specials_end_ids_and_real_template(fixtures_dir, qw
     assert qwen25_tokenizer.decode([151644, 151657, 108386, 151645]) == "<tool_call>你好"
 
 
-def test_tokenizer_json_folder_with_byte_fallback(stories_tokenizer):
-    assert stories_tokenizer.bos_token_id == 1
-    assert stories_tokenizer.eos_token_ids == {2}
-    assert stories_tokenizer.add_bos_token  # its post-processor adds <s>: prompts need it too
-    ids = stories_tokenizer.encode("Once upon a time")
+def test_tiktoken_ranks_folder_gets_qwen_specials_end_ids_and_fallback_template(tmp_path):
+    multi_byte = [b"he", b"ll", b"hell", b"hello", b" w", b"or", b"ld", b"orld", b" world"]
+    multi_byte += ["你".encode()[:2], "你".encode()]
+    ranks = [bytes([byte]) for byte in range(256)] + multi_byte
+    (tmp_path / "qwen.tiktoken").write_text(
+        "".join(f"{base64.b64encode(token).decode()} {rank}\n" for rank, token in enumerate(ranks))
+    )
+    tokenizer = load_tokenizer(tmp_path)
+    base = len(ranks)
+
+    assert tokenizer.encode("hello world你") == [ranks.index(b"hello"), ranks.index(b" world"), base - 1]
+    specials = "<|endoftext|><|im_start|><|im_end|><|extra_0|><|extra_204|>"
+    assert tokenizer.encode(specials) == [base, base + 1, base + 2, base + 3, base + 207]
+    assert tokenizer.eos_token_ids == {base, base + 2}
+    assert tokenizer.vocab_size == base + 208
+    assert tokenizer.decode(tokenizer.encode("<|im_start|>user\n你好<|im_end|>")) == "user\n你好"
+    assert tokenizer.chat_template.origin == "ChatML fallback"
+    for text in ROUND_TRIP_TEXTS:
+        assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_tokenizer_json_folder_with_byte_fallback(tiny_spm_tokenizer):
+    assert tiny_spm_tokenizer.bos_token_id == 1
+    assert tiny_spm_tokenizer.eos_token_ids == {2}
+    assert tiny_spm_tokenizer.add_bos_token  # its post-processor adds <s>: prompts need it too
+    ids = tiny_spm_tokenizer.encode("Once upon a time")
     assert ids[0] != 1
-    assert stories_tokenizer.encode_prompt("Once upon a time") == [1, *ids]
-    assert stories_tokenizer.decode(stories_tokenizer.encode("Lily 你好 🙂")) == "Lily 你好 🙂"
-    assert len(stories_tokenizer.encode("你")) == 1 + 3  # "▁" and three <0xNN> byte tokens
+    assert tiny_spm_tokenizer.encode_prompt("Once upon a time") == [1, *ids]
+    assert tiny_spm_tokenizer.decode(tiny_spm_tokenizer.encode("Lily 你好 🙂")) == "Lily 你好 🙂"
+    assert len(tiny_spm_tokenizer.encode("你")) == 1 + 3  # "▁" and three <0xNN> byte tokens
+    assert len(tiny_spm_tokenizer.byte_token_ids) == 256
 
 
 def test_vocab_json_and_merges_txt_folder(tmp_path):

@@ -5,92 +5,17 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-import zmq
 
 from common import wire
 from protos import worker_pb2 as pb
-from tests.harness import WAIT_S, ConfigFile, ManagedProcess, ProcessSet, start_worker, write_config
+from tests.harness import ConfigFile, ProcessSet, start_worker, write_config
+from tests.worker_peer import HELLO_TIMEOUT_S, WORKER_ID, connected, generate
 from worker.affinity import core_share
 from worker.service import EXIT_ENGINE_HUNG
-
-WORKER_ID = "test-worker-1"
-HELLO_TIMEOUT_S = 30.0  # the worker imports, loads its engine, then says hello: slow on a busy CI box
-
-
-class RouterPeer:
-    """The router's side of the wire, driven by the test. While `keepalive` is on, it heartbeats the
-    worker every 100 ms whenever it waits, as a live router would."""
-
-    def __init__(self, endpoint: str) -> None:
-        self._context = zmq.Context()
-        self.socket = self._context.socket(zmq.ROUTER)
-        self.socket.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting worker keeps its routing id
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.bind(endpoint)
-        self.worker = WORKER_ID.encode()
-        self.keepalive = False
-        self._last_heartbeat = 0.0
-
-    def close(self) -> None:
-        self.socket.close()
-        self._context.term()
-
-    def send(self, message: Any) -> None:
-        self.socket.send_multipart([self.worker, wire.pack(message)])
-
-    def send_raw(self, *frames: bytes) -> None:
-        self.socket.send_multipart([self.worker, *frames])
-
-    def receive(self, timeout: float = WAIT_S) -> tuple[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.keepalive and time.monotonic() - self._last_heartbeat > 0.1:
-                self.send(pb.Heartbeat())
-                self._last_heartbeat = time.monotonic()
-            if self.socket.poll(50):
-                identity, frame = self.socket.recv_multipart()
-                assert identity == self.worker
-                return wire.unpack(frame)
-        raise AssertionError(f"nothing from the worker within {timeout:.0f} s")
-
-    def expect(self, kind: str, timeout: float = WAIT_S, skip: tuple[str, ...] = ("heartbeat",)) -> Any:
-        """The next message of `kind`, skipping heartbeats (or the kinds in `skip`)."""
-        while True:
-            got, message = self.receive(timeout)
-            if got == kind:
-                return message
-            assert got in skip, f"expected {kind}, got {got}: {message}"
-
-    def register(self, interval_ms: int = 200, liveness: int = 3) -> pb.Hello:
-        hello = self.expect("hello", HELLO_TIMEOUT_S)
-        self.send(pb.Welcome(heartbeat_interval_ms=interval_ms, liveness=liveness))
-        return hello
-
-    def chunks_until_final(self, request_id: str) -> list[pb.Chunk]:
-        """Chunks of `request_id` up to and including its final one (heartbeats skipped)."""
-        chunks = []
-        while True:
-            chunk = self.expect("chunk")
-            assert chunk.request_id == request_id, (
-                f"chunk of {chunk.request_id} while waiting for {request_id}"
-            )
-            chunks.append(chunk)
-            if chunk.finish_reason != pb.FINISH_NONE:
-                return chunks
-
-
-def generate(request_id: str, text: str = "hello there", **params: Any) -> pb.Generate:
-    return pb.Generate(
-        request_id=request_id,
-        system_message="You are a helpful assistant.",
-        history=[pb.Turn(role=1, content=text)],
-        params=pb.SamplingParams(**params),
-    )
 
 
 def paced_config(tmp_path: Path, **paced: Any) -> ConfigFile:
@@ -99,27 +24,13 @@ def paced_config(tmp_path: Path, **paced: Any) -> ConfigFile:
 
 
 @pytest.fixture
-def procs(tmp_path: Path):
-    with ProcessSet(tmp_path) as procs:
-        yield procs
-
-
-def start(procs: ProcessSet, config: ConfigFile, dev_id: int = 0) -> tuple[RouterPeer, ManagedProcess]:
-    peer = RouterPeer(config.zmq_endpoint)
-    worker = start_worker(procs, config, dev_id, "--worker-id", WORKER_ID)
-    return peer, worker
-
-
-@pytest.fixture
 def peer_and_worker(procs: ProcessSet, tmp_path: Path):
-    peer, worker = start(procs, paced_config(tmp_path))
-    yield peer, worker
-    peer.close()
+    with connected(procs, paced_config(tmp_path)) as (peer, worker):
+        yield peer, worker
 
 
 def test_hello_welcome_and_heartbeats(procs, tmp_path):
-    peer, worker = start(procs, paced_config(tmp_path), dev_id=3)
-    try:
+    with connected(procs, paced_config(tmp_path), dev_id=3) as (peer, worker):
         hello = peer.register()
         assert hello.protocol_version == wire.PROTOCOL_VERSION
         assert hello.worker_id == WORKER_ID
@@ -129,8 +40,6 @@ def test_hello_welcome_and_heartbeats(procs, tmp_path):
         assert hello.pid == worker.pid
         assert peer.expect("heartbeat", skip=()).busy_request_id == ""
         assert peer.expect("heartbeat", skip=()).busy_request_id == ""
-    finally:
-        peer.close()
 
 
 def test_generate_streams_chunks_then_one_final_chunk(peer_and_worker):
@@ -153,24 +62,20 @@ def test_generate_streams_chunks_then_one_final_chunk(peer_and_worker):
 
 
 def test_heartbeat_names_the_busy_request(procs, tmp_path):
-    peer, _worker = start(procs, paced_config(tmp_path, tokens_per_second=5.0, tokens_per_request=100))
-    try:
-        peer.register()
-        peer.keepalive = True
+    config = paced_config(tmp_path, tokens_per_second=5.0, tokens_per_request=100)
+    with connected(procs, config) as (peer, _worker):
+        peer.register(keepalive=True)
         peer.send(generate("busy-1"))
         # A heartbeat already on its way when the Generate arrived may still say idle; once a chunk
         # has come, the worker is busy for the 20 s the answer takes.
         peer.expect("chunk")
         assert peer.expect("heartbeat", skip=("chunk",)).busy_request_id == "busy-1"
-    finally:
-        peer.close()
 
 
 def test_cancel_stops_within_one_token_and_the_worker_serves_the_next_request(procs, tmp_path):
-    peer, worker = start(procs, paced_config(tmp_path, tokens_per_second=4.0, tokens_per_request=100))
-    try:
-        peer.register()
-        peer.keepalive = True
+    config = paced_config(tmp_path, tokens_per_second=4.0, tokens_per_request=100)
+    with connected(procs, config) as (peer, worker):
+        peer.register(keepalive=True)
         peer.send(generate("c1"))
         assert peer.expect("chunk").completion_tokens == 1
         peer.send(pb.Cancel(request_id="c1"))
@@ -179,17 +84,13 @@ def test_cancel_stops_within_one_token_and_the_worker_serves_the_next_request(pr
         assert after_cancel[-1].finish_reason == pb.FINISH_CANCELLED
         worker.wait_for_log(r"request c1: done, cancelled")
 
-        peer.send(generate("c2", max_new_tokens=2))
-        assert peer.chunks_until_final("c2")[-1].finish_reason == pb.FINISH_LENGTH
-    finally:
-        peer.close()
+        peer.assert_serves_a_short_request("c2")
 
 
 def test_generate_while_busy_is_refused_and_the_running_request_goes_on(procs, tmp_path):
-    peer, _worker = start(procs, paced_config(tmp_path, tokens_per_second=20.0, tokens_per_request=6))
-    try:
-        peer.register()
-        peer.keepalive = True
+    config = paced_config(tmp_path, tokens_per_second=20.0, tokens_per_request=6)
+    with connected(procs, config) as (peer, _worker):
+        peer.register(keepalive=True)
         peer.send(generate("first"))
         peer.send(generate("second"))
         chunks = []
@@ -206,29 +107,23 @@ def test_generate_while_busy_is_refused_and_the_running_request_goes_on(procs, t
         assert "busy with request first" in refusal.error_message
         assert chunks[-1].finish_reason == pb.FINISH_STOP
         assert chunks[-1].completion_tokens == 6
-    finally:
-        peer.close()
 
 
 def test_request_error_becomes_an_invalid_request_chunk(procs, tmp_path):
     config = write_config(tmp_path, {"model": {"context_size": 16}})
-    peer, _worker = start(procs, config)
-    try:
+    with connected(procs, config) as (peer, _worker):
         peer.register()
         peer.send(generate("too-long", text="word " * 200))
         (final,) = peer.chunks_until_final("too-long")
         assert final.finish_reason == pb.FINISH_ERROR
         assert final.error_kind == pb.ERROR_INVALID_REQUEST
         assert "context of 16 tokens" in final.error_message
-        peer.send(generate("short", text="hi", max_new_tokens=1))
-        assert peer.chunks_until_final("short")[-1].finish_reason == pb.FINISH_LENGTH
-    finally:
-        peer.close()
+        peer.assert_serves_a_short_request("short", text="hi", tokens=1)
 
 
 def test_silent_router_makes_the_worker_reconnect_and_register_again(procs, tmp_path):
-    peer, worker = start(procs, paced_config(tmp_path, tokens_per_second=5.0, tokens_per_request=100))
-    try:
+    config = paced_config(tmp_path, tokens_per_second=5.0, tokens_per_request=100)
+    with connected(procs, config) as (peer, worker):
         peer.register(interval_ms=100, liveness=3)
         peer.send(generate("lost"))
         second_hello = peer.expect("hello", skip=("heartbeat", "chunk"))
@@ -237,15 +132,12 @@ def test_silent_router_makes_the_worker_reconnect_and_register_again(procs, tmp_
         worker.wait_for_log(r"request lost: abandoned")
         peer.send(pb.Welcome(heartbeat_interval_ms=100, liveness=3))
         peer.keepalive = True
-        peer.send(generate("after", max_new_tokens=2))
-        assert peer.chunks_until_final("after")[-1].finish_reason == pb.FINISH_LENGTH
-    finally:
-        peer.close()
+        peer.assert_serves_a_short_request("after")
 
 
 def test_disconnect_from_the_router_abandons_the_request_and_registers_again_at_once(procs, tmp_path):
-    peer, worker = start(procs, paced_config(tmp_path, tokens_per_second=5.0, tokens_per_request=100))
-    try:
+    config = paced_config(tmp_path, tokens_per_second=5.0, tokens_per_request=100)
+    with connected(procs, config) as (peer, worker):
         peer.register(interval_ms=5000, liveness=3)  # silence detection far away: only Disconnect acts
         peer.send(generate("dropped"))
         assert peer.expect("chunk").request_id == "dropped"
@@ -253,15 +145,11 @@ def test_disconnect_from_the_router_abandons_the_request_and_registers_again_at_
         peer.expect("hello", timeout=5.0, skip=("heartbeat", "chunk"))
         worker.wait_for_log(r"request dropped: abandoned")
         peer.send(pb.Welcome(heartbeat_interval_ms=5000, liveness=3))
-        peer.send(generate("next", max_new_tokens=2))
-        assert peer.chunks_until_final("next")[-1].finish_reason == pb.FINISH_LENGTH
-    finally:
-        peer.close()
+        peer.assert_serves_a_short_request("next")
 
 
 def test_a_hello_answered_with_disconnect_is_retried_with_backoff(procs, tmp_path):
-    peer, worker = start(procs, paced_config(tmp_path))
-    try:
+    with connected(procs, paced_config(tmp_path)) as (peer, worker):
         peer.expect("hello", HELLO_TIMEOUT_S)
         peer.send(pb.Disconnect(reason="protocol version 1 not supported"))
         peer.expect("hello")
@@ -272,8 +160,6 @@ def test_a_hello_answered_with_disconnect_is_retried_with_backoff(procs, tmp_pat
         peer.send(pb.Disconnect(reason="still not"))
         peer.expect("hello")
         worker.wait_for_log(r"\(still not\); a new Hello in 0.10 s")  # doubled: no tight Hello loop
-    finally:
-        peer.close()
 
 
 def test_bad_frames_from_the_router_are_dropped(peer_and_worker):
@@ -282,8 +168,7 @@ def test_bad_frames_from_the_router_are_dropped(peer_and_worker):
     peer.send_raw(b"\xff\x00garbage")
     peer.send_raw(b"", wire.pack(pb.Heartbeat()))  # two frames: not the protocol
     peer.send(pb.Hello(worker_id="not for a worker"))
-    peer.send(generate("fine", max_new_tokens=2))
-    assert peer.chunks_until_final("fine")[-1].finish_reason == pb.FINISH_LENGTH
+    peer.assert_serves_a_short_request("fine")
     log = worker.log()
     assert "dropped a bad frame" in log
     assert "dropped a message of 2 frames" in log
@@ -300,10 +185,9 @@ def test_sigterm_when_idle_sends_disconnect_and_exits_zero(peer_and_worker):
 
 
 def test_sigterm_lets_the_current_request_finish_first(procs, tmp_path):
-    peer, worker = start(procs, paced_config(tmp_path, tokens_per_second=10.0, tokens_per_request=10))
-    try:
-        peer.register(interval_ms=100)
-        peer.keepalive = True
+    config = paced_config(tmp_path, tokens_per_second=10.0, tokens_per_request=10)
+    with connected(procs, config) as (peer, worker):
+        peer.register(interval_ms=100, keepalive=True)
         peer.send(generate("last"))
         assert peer.expect("chunk").completion_tokens == 1
         worker.signal(signal.SIGTERM)
@@ -319,18 +203,14 @@ def test_sigterm_lets_the_current_request_finish_first(procs, tmp_path):
         assert ("heartbeat", pb.Heartbeat(busy_request_id="last")) in later, "no heartbeat while finishing"
         assert received[-1][1].reason == "worker stopping"
         assert worker.wait() == 0
-    finally:
-        peer.close()
 
 
 def test_a_hung_engine_step_fails_the_request_and_the_worker_exits(procs, tmp_path):
     config = write_config(
         tmp_path, {"model": {"paced": {"first_token_delay_s": 60.0}}, "workers": {"step_timeout_s": 0.5}}
     )
-    peer, worker = start(procs, config)
-    try:
-        peer.register()
-        peer.keepalive = True
+    with connected(procs, config) as (peer, worker):
+        peer.register(keepalive=True)
         peer.send(generate("stuck"))
         (final,) = peer.chunks_until_final("stuck")
         assert final.finish_reason == pb.FINISH_ERROR
@@ -338,8 +218,6 @@ def test_a_hung_engine_step_fails_the_request_and_the_worker_exits(procs, tmp_pa
         assert "did not finish within" in final.error_message
         assert peer.expect("disconnect").reason == "engine hung"
         assert worker.wait() == EXIT_ENGINE_HUNG
-    finally:
-        peer.close()
 
 
 def test_an_engine_that_cannot_load_exits_with_a_message(procs, tmp_path):
