@@ -1,7 +1,9 @@
 """PNG plot of the router's added latency per token (p50, p99) against concurrent streams, with the
-bare gRPC floor and the targets beside it.
+bare gRPC floor and the targets beside it, and optionally an earlier run's router figures (`--before`)
+to show what a change did.
 
     python -m bench.plot bench/results/latest.json -o bench/latency_vs_streams.png
+    python -m bench.plot bench/results/latest.json --before bench/before_optimisation.json -o out.png
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ import matplotlib.pyplot as plt
 from bench import targets
 
 
-def plot_latency(results: dict, out: Path) -> Path:
-    """Draw the "latency" section of a `python -m bench` results document into `out`."""
-    latency = results.get("router", {}).get("latency")
-    if not latency or not latency["levels"]:
-        raise ValueError("the results hold no added-latency measurements (scenario `latency`)")
+def plot_latency(results: dict, out: Path, before: dict | None = None) -> Path:
+    """Draw the "latency" section of a `python -m bench` results document into `out`, with the
+    router's figures of an earlier document `before` (same format) beside them if given."""
+    latency = _latency(results, "the results")
     figure, axes = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    if before is not None:
+        earlier = _latency(before, "the earlier results")["levels"]
+        _series(axes, earlier, f"router before ({before.get('started', '')[:16]})", "tab:orange")
     _series(axes, latency["levels"], "router", "tab:blue")
     _series(axes, latency.get("grpc_floor", []), "bare gRPC server (floor)", "tab:gray")
     _target(axes, "p50", targets.ADDED_LATENCY_P50_MS, "tab:green")
@@ -45,6 +49,13 @@ def plot_latency(results: dict, out: Path) -> Path:
     figure.savefig(out)
     plt.close(figure)
     return out
+
+
+def _latency(results: dict, what: str) -> dict:
+    latency = results.get("router", {}).get("latency")
+    if not latency or not latency["levels"]:
+        raise ValueError(f"{what} hold no added-latency measurements (scenario `latency`)")
+    return latency
 
 
 def _target(axes: plt.Axes, which: str, bound_ms: float, color: str) -> None:
@@ -73,10 +84,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.plot", description=__doc__.split("\n\n")[0])
     parser.add_argument("results", type=Path, help="a results JSON written by `python -m bench`")
     parser.add_argument("-o", "--out", type=Path, help="PNG to write (default: beside the results)")
+    parser.add_argument("--before", type=Path, help="an earlier results JSON to draw beside (router only)")
     args = parser.parse_args(argv)
     try:
         results = json.loads(args.results.read_text(encoding="utf-8"))
-        out = plot_latency(results, args.out or args.results.with_suffix(".png"))
+        before = json.loads(args.before.read_text(encoding="utf-8")) if args.before else None
+        out = plot_latency(results, args.out or args.results.with_suffix(".png"), before)
     except (OSError, ValueError) as error:
         print(f"plot: {error}", file=sys.stderr)
         return 2

@@ -4,7 +4,9 @@
 
 Self time is the share of busy samples with the function at the top of the stack; inclusive time
 the share with it anywhere on the stack. Idle samples (a thread waiting in epoll, a lock, a sleep)
-are not counted, so the shares add up over the work the process did.
+are not counted, so the shares add up over the work the process did: py-spy leaves them out of
+Python-only stacks itself, but with native frames it reports a thread parked in a system call like
+any other, so stacks whose top frame is one of WAITING_CALLS are dropped here.
 """
 
 from __future__ import annotations
@@ -23,6 +25,12 @@ SAMPLE_RATE_HZ = 250
 # A raw frame reads "function (path/to/file.py:123)"; the line number is dropped so that samples
 # in different lines of one function add up.
 _LINE_NUMBER = re.compile(r":\d+\)$")
+# C functions in which a thread sleeps until something happens (libc's names).
+WAITING_CALLS = frozenset({
+    "epoll_wait", "epoll_pwait", "poll", "ppoll", "select", "pselect", "nanosleep", "clock_nanosleep",
+    "pthread_cond_wait", "pthread_cond_timedwait", "__futex_abstimed_wait_common", "sem_wait",
+    "sem_timedwait", "accept", "accept4",
+})  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,8 @@ def summarize_collapsed(lines: Iterable[str], expected_samples: int = 0) -> Prof
             continue
         count = int(count_text)
         frames = [_LINE_NUMBER.sub(")", frame) for frame in stack.split(";")]
+        if frames[-1].split(" (", 1)[0] in WAITING_CALLS:
+            continue
         total += count
         own[frames[-1]] += count
         for frame in set(frames):

@@ -50,9 +50,8 @@ SCENARIOS = ("latency", "relay", "efficiency", "memory")
 CHIP_PACE = PacedConfig(tokens_per_second=10.0, first_token_delay_s=0.7, tokens_per_request=64)
 # Streams start at random offsets within one token period, so their tokens are not in lockstep.
 CHIP_TOKEN_PERIOD_S = 1 / CHIP_PACE.tokens_per_second
-# The paced engine requires a positive rate; at this one every token is already due when the
-# previous one is sent, so the worker never sleeps.
-FLAT_OUT_TOKENS_PER_SECOND = 1e9
+# The paced engine's "as fast as possible": the worker never waits between tokens.
+FLAT_OUT_TOKENS_PER_SECOND = 0.0
 STREAMS_PER_CONNECTION = 16  # clients sharing one HTTP/2 connection; more streams use more connections
 MB = 1 << 20
 STATE_SAMPLE_S = 0.2  # scrapes cost the router a little CPU: a few per second only
@@ -263,11 +262,14 @@ async def relay_capacity(settings: Settings, scratch: Path, artifacts: Path) -> 
 
     A worker chunk carries one token, so tokens/s in the client is chunks/s relayed. A router that
     finds several chunks of a stream pending sends them as one frame, so gRPC frames/s can be lower:
-    the flat-out run shows how far that takes it, the paced one what a frame costs on its own.
+    the flat-out run shows how far that takes it, the paced one what a frame costs on its own. Beside
+    it, what a frame costs a bare grpc.aio server at the same pace (bench.grpc_floor): the part of
+    the router's cost that any Python gRPC server pays.
     """
     flat_out = await _relay_run(settings, FLAT_OUT_TOKENS_PER_SECOND, scratch / "flat-out", artifacts)
     paced = await _relay_run(settings, RELAY_PACED_TOKENS_PER_SECOND, scratch / "paced", artifacts)
-    return {"flat_out": flat_out, "one_frame_per_chunk": paced}
+    floor = await _relay_floor(settings, RELAY_PACED_TOKENS_PER_SECOND, scratch / "floor")
+    return {"flat_out": flat_out, "one_frame_per_chunk": paced, "grpc_floor_one_frame_per_chunk": floor}
 
 
 async def _relay_run(settings: Settings, tokens_per_second: float, scratch: Path, artifacts: Path) -> dict:
@@ -310,6 +312,35 @@ async def _relay_run(settings: Settings, tokens_per_second: float, scratch: Path
         "added_latency_ms": asdict(Distribution.of(_window_delays(run.records, start, end)).scaled(1e3)),
         "requests_by_status": run.report().by_status,
         "profile": profile,
+    }
+
+
+async def _relay_floor(settings: Settings, tokens_per_second: float, scratch: Path) -> dict:
+    router_cpus, other_cpus = split_cpus()
+    paced = PacedConfig(
+        tokens_per_second=tokens_per_second,
+        first_token_delay_s=0.0,
+        tokens_per_request=RELAY_TOKENS_PER_REQUEST,
+    )
+    with pinned_to(other_cpus), grpc_floor.FloorServer(paced, router_cpus, scratch) as floor:
+        server = psutil.Process(floor.process.pid)
+        run, start, end, server_cpu_s = await _run_for(
+            floor.addr,
+            _streams_spec(settings.relay_workers),
+            settings.relay_warmup_s,
+            settings.relay_duration_s,
+            server,
+        )
+    frames, _ = _window_frames(run.records, start, end)
+    window_s = (end - start) / NS_PER_S
+    return {
+        "streams": settings.relay_workers,
+        "tokens_per_s_each": tokens_per_second,
+        "window_s": window_s,
+        "frames_per_s": frames / window_s,
+        "server_cpu_utilisation": server_cpu_s / window_s,
+        "server_cpu_us_per_frame": server_cpu_s / frames * 1e6 if frames else None,
+        "frames_per_server_cpu_s": frames / server_cpu_s if server_cpu_s > 0 else None,
     }
 
 

@@ -55,20 +55,26 @@ def _relay(relay: dict | None) -> list[Verdict]:
     if relay is None:
         return [Verdict("chunks relayed per second, one core", target, "-", None)]
     flat, paced = relay["flat_out"], relay["one_frame_per_chunk"]
+    floor = relay.get("grpc_floor_one_frame_per_chunk")
+    floor_note = ""
+    if floor and floor["frames_per_server_cpu_s"]:
+        floor_note = f"; a bare gRPC server: {floor['frames_per_server_cpu_s']:,.0f} per CPU-s"
     return [
         _per_core("chunks relayed per second, one core, flat out", flat, "chunks_per_router_cpu_s"),
-        _per_core("frames relayed per second, one core, 1 chunk/frame", paced, "chunks_per_router_cpu_s"),
+        _per_core(
+            "frames relayed per second, one core, 1 chunk/frame", paced, "chunks_per_router_cpu_s", floor_note
+        ),
     ]
 
 
-def _per_core(what: str, run: dict, key: str) -> Verdict:
+def _per_core(what: str, run: dict, key: str, note: str = "") -> Verdict:
     target = f">= {RELAY_FRAMES_PER_S:,}"
     capacity = run[key]
     if capacity is None:
         return Verdict(what, target, "-", None)
     measured = (
         f"{capacity:,.0f} per router CPU-s ({run['chunks_per_s']:,.0f} chunks/s in "
-        f"{run['frames_per_s']:,.0f} frames/s at {run['router_cpu_utilisation']:.0%} router CPU)"
+        f"{run['frames_per_s']:,.0f} frames/s at {run['router_cpu_utilisation']:.0%} router CPU{note})"
     )
     return Verdict(what, target, measured, capacity >= RELAY_FRAMES_PER_S)
 

@@ -73,7 +73,7 @@ class GenerationDefaults:
 class PacedConfig:
     """The `paced` load-testing engine: emits tokens at a fixed rate without computing a model."""
 
-    tokens_per_second: float = 10.0
+    tokens_per_second: float = 10.0  # 0 = as fast as possible: no wait between tokens
     first_token_delay_s: float = 0.7
     tokens_per_request: int = 64
     # Answer with the words of the last user turn, cycled, instead of "lorem ipsum ...": every
@@ -88,7 +88,12 @@ class PacedConfig:
     fault_at_token: int = 1
 
     def __post_init__(self) -> None:
-        _require(self.tokens_per_second > 0, "tokens_per_second", "must be > 0", self.tokens_per_second)
+        _require(
+            self.tokens_per_second >= 0,
+            "tokens_per_second",
+            "must be >= 0 (0 = as fast as possible)",
+            self.tokens_per_second,
+        )
         _require(
             self.first_token_delay_s >= 0, "first_token_delay_s", "must be >= 0", self.first_token_delay_s
         )

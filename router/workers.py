@@ -6,9 +6,14 @@ means the worker restarted or reconnected: the old registration is dropped as lo
 that is not registered and sends anything but a Hello gets a Disconnect, so a worker the router
 dropped, or one talking to a restarted router, registers again at once.
 
-Liveness (Paranoid Pirate): the router sends a Heartbeat to every registered worker each
-heartbeat interval and every message from a worker counts as a sign of life. A worker silent for
-`liveness` intervals is dropped as lost and told so with a Disconnect, in case it was only hung.
+Liveness (Paranoid Pirate): every registered worker is checked once per heartbeat interval, and
+every message from a worker counts as a sign of life. A worker silent for `liveness` intervals is
+dropped as lost and told so with a Disconnect, in case it was only hung. A live one gets a
+Heartbeat, unless the router sent it something else within the last half interval (any message
+proves the router alive; the half keeps the worker's longest wait for one under 1.5 intervals).
+The checks are spread over the interval: it is cut into HEARTBEAT_SLOTS ticks and each worker has
+its own slot (the emptiest one when it registers), so a large pool costs a few sends per tick
+instead of one burst per interval that would hold up every stream on the event loop.
 
 Idle workers are kept in least-recently-used order: the one idle the longest gets the next job,
 which spreads load and heat evenly over the devices.
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
 import logging
 import time
 from collections import OrderedDict
@@ -40,6 +46,8 @@ MAX_LOST_RECORDS = 1024
 # Unregistered peers remembered for rate-limiting the Disconnects they get: a peer flooding the port
 # gets one answer (and one log line) per heartbeat interval, not one per message.
 MAX_REFUSED_PEERS = 1024
+# Liveness checks and heartbeats: the interval is cut into this many ticks, one slot of workers each.
+HEARTBEAT_SLOTS = 20
 
 
 class WorkerState(enum.Enum):
@@ -58,6 +66,8 @@ class WorkerRecord:
     pid: int
     state: WorkerState
     last_seen: float  # time.monotonic() of its last message
+    last_sent: float  # time.monotonic() of the router's last message to it
+    slot: int = 0  # which tick of the heartbeat interval checks it
 
 
 class RegistryListener(Protocol):
@@ -84,6 +94,7 @@ class WorkerRegistry:
         self._idle: OrderedDict[bytes, WorkerRecord] = OrderedDict()  # least recently used first
         self._lost: OrderedDict[str, WorkerRecord] = OrderedDict()
         self._refused_at: OrderedDict[bytes, float] = OrderedDict()  # peer identity -> last Disconnect
+        self._slots: list[dict[bytes, WorkerRecord]] = [{} for _ in range(HEARTBEAT_SLOTS)]
         self._heartbeat_frame = wire.pack(worker_pb2.Heartbeat())
         self._welcome = worker_pb2.Welcome(
             heartbeat_interval_ms=round(heartbeat_interval_s * 1000), liveness=liveness
@@ -143,6 +154,7 @@ class WorkerRegistry:
         log.warning("worker %s (device %d) lost: %s", worker.worker_id, worker.device_id, cause)
         del self._by_identity[worker.identity]
         del self._by_worker_id[worker.worker_id]
+        del self._slots[worker.slot][worker.identity]
         self._idle.pop(worker.identity, None)
         worker.state = WorkerState.LOST
         self._remember_lost(worker)
@@ -153,6 +165,7 @@ class WorkerRegistry:
         self._require_listener().worker_lost(worker, cause)
 
     def send(self, worker: WorkerRecord, message: Message) -> None:
+        worker.last_sent = time.monotonic()
         self._transport.send(worker.identity, message)
 
     # -- messages from peers ---------------------------------------------------------------------
@@ -193,6 +206,7 @@ class WorkerRegistry:
         self._register(identity, hello)
 
     def _register(self, identity: bytes, hello: worker_pb2.Hello) -> None:
+        now = time.monotonic()
         worker = WorkerRecord(
             identity=identity,
             worker_id=hello.worker_id,
@@ -201,11 +215,14 @@ class WorkerRegistry:
             context_size=hello.context_size,
             pid=hello.pid,
             state=WorkerState.IDLE,
-            last_seen=time.monotonic(),
+            last_seen=now,
+            last_sent=now,
+            slot=min(range(HEARTBEAT_SLOTS), key=lambda slot: len(self._slots[slot])),
         )
         self._forget_replaced(worker)
         self._by_identity[identity] = worker
         self._by_worker_id[worker.worker_id] = worker
+        self._slots[worker.slot][identity] = worker
         self._idle[identity] = worker
         self._transport.send(identity, self._welcome)
         log.info(
@@ -258,13 +275,19 @@ class WorkerRegistry:
     # -- heartbeats ------------------------------------------------------------------------------
 
     async def run_heartbeats(self) -> None:
-        """Send heartbeats and drop silent workers, once per interval, until cancelled."""
-        while True:
-            await asyncio.sleep(self._interval_s)
-            self.check_liveness(time.monotonic())
+        """Check one slot of workers per tick (HEARTBEAT_SLOTS ticks per interval) until cancelled."""
+        loop = asyncio.get_running_loop()
+        tick_s = self._interval_s / HEARTBEAT_SLOTS
+        due = loop.time()
+        for slot in itertools.cycle(range(HEARTBEAT_SLOTS)):
+            due = max(due + tick_s, loop.time())  # after a stall, go on from now: no burst of ticks
+            await asyncio.sleep(due - loop.time())
+            self.check_liveness(slot, time.monotonic())
 
-    def check_liveness(self, now: float) -> None:
-        for worker in list(self._by_identity.values()):
+    def check_liveness(self, slot: int, now: float) -> None:
+        """Drop the silent workers of one slot; heartbeat the others that need one."""
+        quiet_s = self._interval_s / 2
+        for worker in list(self._slots[slot].values()):
             silence = now - worker.last_seen
             self._metrics.on_liveness_check(worker, silence, self._interval_s)
             if silence > self.silence_limit_s:
@@ -273,7 +296,8 @@ class WorkerRegistry:
                     f"no message for {silence:.1f} s "
                     f"(liveness {self._liveness} x {self._interval_s:g} s heartbeat interval)",
                 )
-            else:
+            elif now - worker.last_sent >= quiet_s:
+                worker.last_sent = now
                 self._transport.send_frame(worker.identity, self._heartbeat_frame)
 
 

@@ -3,21 +3,27 @@ beside Hugging Face transformers on the same weights when `transformers` and `to
 
     python scripts/bench_engine.py                      # the default model, builtin:smollm2
     python scripts/bench_engine.py --model ../shared/fixtures/stories260K/hf --threads 2
+    python scripts/bench_engine.py --json engine.json   # the figures as JSON too (`-`: on stdout only)
 
 Each backend runs in a fresh process, so its peak RSS is its own. Decoding is greedy and ignores
 end-of-sequence, so every run decodes exactly --new-tokens tokens.
+
+The JSON document: {"model", "prompt_tokens", "new_tokens", "threads", "backends": {name: {"load_s",
+"prompt_tokens", "prefill_tokens_per_s", "new_tokens", "decode_tokens_per_s", "peak_rss_mb"}}}.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import resource
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TextIO
 
 if __package__ in (None, ""):  # run as a file (also in the spawned processes): find the packages
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -50,16 +56,20 @@ def main() -> int:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="BLAS / torch threads")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON (`-`: on stdout only)")
     args = parser.parse_args()
     limit_blas_threads(args.threads)  # the benchmark processes inherit the environment
+    text = sys.stderr if args.json == "-" else sys.stdout  # stdout carries the JSON alone then
     workload = f"{args.prompt_tokens} prompt + {args.new_tokens} new tokens"
-    print(f"model {args.model}: {workload}, {args.threads} thread(s)")
+    print(f"model {args.model}: {workload}, {args.threads} thread(s)", file=text)
     results = [in_child(bench_numpy, args)]
     if transformers_available():
         results.append(in_child(bench_transformers, args))
     else:
-        print("transformers + torch not importable: skipped the Hugging Face comparison")
-    print_table(results)
+        print("transformers + torch not importable: skipped the Hugging Face comparison", file=text)
+    print_table(results, text)
+    if args.json:
+        write_json(args, results)
     return 0
 
 
@@ -170,13 +180,33 @@ def transformers_available() -> bool:
     return True
 
 
-def print_table(results: list[Figures]) -> None:
-    print(f"{'backend':<14}{'load s':>8}{'prefill tok/s':>15}{'decode tok/s':>14}{'peak RSS MB':>13}")
+def print_table(results: list[Figures], out: TextIO) -> None:
+    header = f"{'backend':<14}{'load s':>8}{'prefill tok/s':>15}{'decode tok/s':>14}{'peak RSS MB':>13}"
+    print(header, file=out)
     for figures in results:
         print(
             f"{figures.backend:<14}{figures.load_s:>8.1f}{figures.prefill_tokens_per_s:>15.1f}"
-            f"{figures.decode_tokens_per_s:>14.1f}{figures.peak_rss_mb:>13.0f}"
+            f"{figures.decode_tokens_per_s:>14.1f}{figures.peak_rss_mb:>13.0f}",
+            file=out,
         )
+
+
+def write_json(args: argparse.Namespace, results: list[Figures]) -> None:
+    backends = {}
+    for figures in results:
+        backends[figures.backend] = {key: value for key, value in asdict(figures).items() if key != "backend"}
+    document = {
+        "model": args.model,
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "threads": args.threads,
+        "backends": backends,
+    }
+    text = json.dumps(document, indent=2) + "\n"
+    if args.json == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.json).write_text(text, encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 """The benchmark's derived figures on known inputs: idle gaps between a worker's requests, frames in a
-window, the engine table, py-spy's collapsed stacks and the verdicts against the targets."""
+window, the engine report, py-spy's collapsed stacks and the verdicts against the targets."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
 from bench import targets
-from bench.engine import parse_table
+from bench.engine import read_report
 from bench.profile import summarize_collapsed
 from bench.router_overhead import _window_frames, idle_gaps
 from bench.stats import RequestRecord
@@ -61,29 +63,23 @@ def test_window_frames_counts_frames_and_the_tokens_they_added():
     assert _window_frames([record], 0, 100) == (4, 4)
 
 
-def test_engine_table_is_read_per_backend():
-    output = (
-        "model builtin:smollm2: 128 prompt + 64 new tokens, 1 thread(s)\n"
-        "backend         load s  prefill tok/s  decode tok/s  peak RSS MB\n"
-        "numpy              4.8          313.8          26.7          880\n"
-        "transformers       2.0          900.5          30.1         1200\n"
-    )
-    assert parse_table(output) == {
-        "numpy": {
-            "load_s": 4.8,
-            "prefill_tokens_per_s": 313.8,
-            "decode_tokens_per_s": 26.7,
-            "peak_rss_mb": 880,
-        },
-        "transformers": {
-            "load_s": 2.0,
-            "prefill_tokens_per_s": 900.5,
-            "decode_tokens_per_s": 30.1,
-            "peak_rss_mb": 1200,
-        },
+def test_engine_report_is_read_from_the_scripts_json_and_checked():
+    numpy = {
+        "load_s": 4.8,
+        "prompt_tokens": 128,
+        "prefill_tokens_per_s": 313.8,
+        "new_tokens": 63,
+        "decode_tokens_per_s": 26.7,
+        "peak_rss_mb": 880.2,
     }
-    with pytest.raises(ValueError, match="no `backend` table"):
-        parse_table("something else\n")
+    document = {"model": "builtin:smollm2", "threads": 1, "backends": {"numpy": numpy}}
+    assert read_report(json.dumps(document)) == document
+    with pytest.raises(ValueError, match="no `backends`"):
+        read_report(json.dumps({"model": "x"}))
+    with pytest.raises(ValueError, match="lacks decode_tokens_per_s for backend 'numpy'"):
+        read_report(json.dumps({"backends": {"numpy": {**numpy, "decode_tokens_per_s": "fast"}}}))
+    with pytest.raises(ValueError, match="not valid"):
+        read_report("model builtin:smollm2: a table, not JSON")
 
 
 def test_collapsed_stacks_give_self_and_inclusive_shares():
@@ -91,6 +87,7 @@ def test_collapsed_stacks_give_self_and_inclusive_shares():
         "main (app.py:1);loop (app.py:5);relay (app.py:9) 6",
         "main (app.py:1);loop (app.py:5);relay (app.py:10) 2",  # same function, another line
         "main (app.py:1);loop (app.py:7) 2",
+        "main (app.py:1);loop (app.py:8);epoll_wait (libc.so.6) 30",  # parked: not work
         "garbage line",
     ]
     summary = summarize_collapsed(lines, expected_samples=20)

@@ -95,7 +95,10 @@ workers: {devices: [2, 3], per_device: 2}
             "model: {defaults: {temperature: -1}}",
             "model.defaults.temperature: must be >= 0 (0 = greedy), got -1",
         ),
-        ("model: {paced: {tokens_per_second: 0}}", "model.paced.tokens_per_second: must be > 0, got 0"),
+        (
+            "model: {paced: {tokens_per_second: -1}}",
+            "model.paced.tokens_per_second: must be >= 0 (0 = as fast as possible), got -1.0",
+        ),
         ("model: {threads: true}", "model.threads: must be an integer, got True"),
         ("model: {threads: 1.5}", "model.threads: must be an integer, got 1.5"),
         ("model: {threads: 0}", "model.threads: must be >= 1, got 0"),

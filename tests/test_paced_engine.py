@@ -70,3 +70,17 @@ def test_cancel_between_tokens_ends_with_cancelled_after_the_tokens_so_far():
     cancel.set()  # the next token is 1000 s away
     (last,) = list(stream)
     assert (last.completion_tokens, last.finish_reason) == (1, FinishReason.CANCELLED)
+
+
+def test_rate_zero_streams_every_token_without_waiting_and_still_honours_cancel():
+    flat_out = engine(PacedConfig(tokens_per_second=0.0, first_token_delay_s=0.0, tokens_per_request=50))
+    chunks = list(flat_out.generate(request(), threading.Event()))
+    assert [c.completion_tokens for c in chunks] == list(range(1, 51))
+    assert chunks[-1].finish_reason == FinishReason.STOP
+
+    cancel = threading.Event()
+    stream = flat_out.generate(request(), cancel)
+    assert next(stream).completion_tokens == 1
+    cancel.set()
+    (last,) = list(stream)
+    assert (last.completion_tokens, last.finish_reason) == (1, FinishReason.CANCELLED)

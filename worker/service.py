@@ -1,14 +1,22 @@
 """The worker process loop: registers with the router over ZeroMQ, serves generations, heartbeats.
 
-One DEALER socket, touched only by this loop (pyzmq sockets are not thread-safe). The engine runs
-in a GenerationThread; its chunks come back through an outbox plus a wake-up socket, which is also
-the signal wake-up fd, so the loop sleeps in one poll until a message, a chunk, a signal or its
-next deadline. Paranoid Pirate heartbeating: a heartbeat every interval; a router silent for
-`liveness` intervals is presumed dead, so the socket is reopened and the worker registers again
-(with backoff), abandoning any generation in flight. A Disconnect from the router means it no
-longer knows this worker: abandon and register again at once. A worker that was itself silent long
-enough for the router to have dropped it (frozen by SIGSTOP, starved of CPU) does the same before
-sending anything, so the overdue chunks of its abandoned request never go out.
+One DEALER socket. The engine runs in a GenerationThread, which sends each chunk itself as soon as
+it is made: a hand-off to the loop's thread would cost a thread wake-up per token (latency for the
+client, CPU for the host). pyzmq sockets are not thread-safe, so every use of the socket, and of
+the request state, is under one lock, and the loop sleeps without touching the socket: in an OS
+poll on ZeroMQ's file descriptor and a wake-up socket (also the signal wake-up fd), until a
+message, a signal, a nudge from the generation thread or its next deadline. ZeroMQ's descriptor is
+edge-triggered and any send may consume its edge, so the loop checks for a waiting message before
+it sleeps, and the generation thread nudges it when one waits after its send (or when a generation
+ends, which a stop or a Hello may wait for).
+
+Paranoid Pirate heartbeating: a heartbeat every interval (at a random phase, each gap a little
+shorter at random, so that workers started together do not reach the router in one burst every
+interval); a router silent for `liveness` intervals is presumed dead, so the socket is reopened and
+the worker registers again (with backoff), abandoning any generation in flight. A Disconnect from
+the router means it no longer knows this worker: abandon and register again at once. A worker that
+was itself silent long enough for the router to have dropped it (frozen by SIGSTOP, starved of CPU)
+does the same before sending anything, so the overdue chunks of its abandoned request never go out.
 """
 
 from __future__ import annotations
@@ -17,7 +25,8 @@ import contextlib
 import logging
 import math
 import os
-import queue
+import random
+import select
 import signal
 import socket
 import threading
@@ -37,6 +46,13 @@ log = logging.getLogger("worker")
 
 EXIT_ENGINE_HUNG = 70  # the supervisor restarts a worker whose engine step never returned
 _SHUTDOWN_FLUSH_MS = 1000  # how long a stopping worker tries to deliver its last messages
+# Each gap between heartbeats is the interval times a random factor in [1 - this, 1]: never longer
+# than the interval the router expects, and never in step with the other workers for long.
+_HEARTBEAT_JITTER = 0.1
+# Plain ints: pyzmq builds an enum from an option or flag passed as its enum member on every call.
+_NOBLOCK = int(zmq.NOBLOCK)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 
 
 @dataclass(frozen=True)
@@ -81,11 +97,13 @@ class WorkerService:
         self._settings = config.workers
         self._interval = config.router.heartbeat_interval_s  # until the router's Welcome says otherwise
         self._liveness = config.router.liveness
+        self._lock = threading.Lock()  # the socket and the request state: the loop and the generation thread
+        self._closed = False
         self._zmq = zmq.Context()
-        self._dealer = self._open_dealer()
-        self._poller = zmq.Poller()
+        self._poller = select.poll()  # on file descriptors only: it never touches the ZeroMQ socket
         self._wake_reader, self._wake_writer = socket.socketpair()
-        self._outbox: queue.SimpleQueue[pb.Chunk] = queue.SimpleQueue()
+        self._poller.register(self._wake_reader.fileno(), select.POLLIN)
+        self._dealer = self._open_dealer()
         self._generation = GenerationThread(engine, self._deliver)
         self._current: _Generation | None = None
         self._registered = False
@@ -105,29 +123,38 @@ class WorkerService:
     def run(self) -> int:
         self._install_signal_handlers()
         self._generation.start()
-        self._poller.register(self._dealer, zmq.POLLIN)
-        self._poller.register(self._wake_reader.fileno(), zmq.POLLIN)
         log.info("pid %d, connecting to %s", os.getpid(), self._endpoint)
         try:
             while self._exit_code is None:
                 self._wait()
-                self._check_own_silence(time.monotonic())
-                self._handle_signals()
-                self._drain_router()
-                self._drain_outbox()
-                self._on_clock(time.monotonic())
+                with self._lock:
+                    self._check_own_silence(time.monotonic())
+                    self._handle_signals()
+                    self._drain_router()
+                    self._on_clock(time.monotonic())
         finally:
             self._close()
         log.info("stopped")
         return self._exit_code
 
     def _wait(self) -> None:
-        timeout_ms = max(0.0, self._next_deadline() - time.monotonic()) * 1000
+        with self._lock:
+            if self._router_message_waiting():
+                return
+            timeout_ms = max(0.0, self._next_deadline() - time.monotonic()) * 1000
         ready = dict(self._poller.poll(math.ceil(timeout_ms)))
         if self._wake_reader.fileno() in ready:
             with contextlib.suppress(BlockingIOError):
                 while self._wake_reader.recv(4096):
                     pass
+
+    def _router_message_waiting(self) -> bool:
+        """Whether a message from the router can be read now (this also re-arms ZeroMQ's fd)."""
+        return bool(self._dealer.get(_EVENTS) & _POLLIN)
+
+    def _wake_loop(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # full: the loop has wake-ups pending already
+            self._wake_writer.send(b"\0")
 
     def _next_deadline(self) -> float:
         deadlines = [self._finish_by, time.monotonic() + self._interval]
@@ -146,10 +173,14 @@ class WorkerService:
         return self._interval * self._liveness
 
     def _check_own_silence(self, now: float) -> None:
-        # The router checks liveness once per interval: one interval past its limit, it has dropped us.
-        silent_for = now - self._last_sent
-        if self._registered and silent_for > self._silence_limit + self._interval:
+        if self._overdue(now):
+            silent_for = now - self._last_sent
             self._reconnect(now, f"this worker sent nothing for {silent_for:.1f} s (was it stopped?)")
+
+    def _overdue(self, now: float) -> bool:
+        """Silent for so long that the router has dropped this worker: it must register again first.
+        (The router checks liveness once per interval: one interval past its limit, it has.)"""
+        return self._registered and now - self._last_sent > self._silence_limit + self._interval
 
     def _on_clock(self, now: float) -> None:
         current = self._current
@@ -167,7 +198,7 @@ class WorkerService:
             elif now >= self._next_heartbeat:
                 busy = current.request_id if current and not current.abandoned else ""
                 self._send(pb.Heartbeat(busy_request_id=busy))
-                self._next_heartbeat = now + self._interval
+                self._next_heartbeat = now + self._interval * (1 - _HEARTBEAT_JITTER * random.random())
         elif self._hello_sent_at is not None:
             if now - self._hello_sent_at > self._silence_limit:
                 self._reconnect(now, f"no Welcome {now - self._hello_sent_at:.1f} s after Hello")
@@ -205,16 +236,15 @@ class WorkerService:
         self._hello_sent_at = None
         self._hello_due = None
         self._reconnect_delay = self._settings.reconnect_backoff_s
-        self._next_heartbeat = now
+        self._next_heartbeat = now + self._interval * random.random()  # this worker's own phase
 
     def _reconnect(self, now: float, reason: str) -> None:
         """Paranoid Pirate: a fresh socket drops whatever was queued for the dead connection."""
         log.warning("%s; reconnecting to %s in %.2f s", reason, self._endpoint, self._reconnect_delay)
         self._abandon(reason)
-        self._poller.unregister(self._dealer)
+        self._poller.unregister(self._dealer_fd)
         self._dealer.close(linger=0)
         self._dealer = self._open_dealer()
-        self._poller.register(self._dealer, zmq.POLLIN)
         self._registered = False
         self._hello_sent_at = None
         self._hello_due = now + self._reconnect_delay
@@ -249,6 +279,8 @@ class WorkerService:
         dealer.setsockopt(zmq.MAXMSGSIZE, wire.MAX_FRAME_BYTES)
         dealer.setsockopt(zmq.LINGER, 0)
         dealer.connect(self._endpoint)
+        self._dealer_fd: int = dealer.get(zmq.FD)
+        self._poller.register(self._dealer_fd, select.POLLIN)
         return dealer
 
     # ---- messages from the router
@@ -306,37 +338,37 @@ class WorkerService:
         else:
             log.info("request %s: cancel for a request not running here, ignored", cancel.request_id)
 
-    # ---- chunks from the generation thread
+    # ---- chunks, on the generation thread
 
     def _deliver(self, chunk: pb.Chunk) -> None:
-        """Called on the generation thread: queue the chunk and wake the loop."""
-        self._outbox.put(chunk)
-        with contextlib.suppress(BlockingIOError):  # full: the loop has wake-ups pending already
-            self._wake_writer.send(b"\0")
+        """Send a chunk the engine made (called on the generation thread)."""
+        with self._lock:
+            if self._closed:
+                return  # the loop has ended: nobody is listening any more
+            now = time.monotonic()
+            ended = self._on_chunk(chunk, now)
+            if ended or self._overdue(now) or self._router_message_waiting():
+                self._wake_loop()
 
-    def _drain_outbox(self) -> None:
-        while True:
-            try:
-                chunk = self._outbox.get_nowait()
-            except queue.Empty:
-                return
-            self._on_chunk(chunk, time.monotonic())
-
-    def _on_chunk(self, chunk: pb.Chunk, now: float) -> None:
+    def _on_chunk(self, chunk: pb.Chunk, now: float) -> bool:
+        """Send the chunk unless its generation was abandoned; True if the generation has ended."""
         current = self._current
         if current is None or current.request_id != chunk.request_id:
             log.error("request %s: chunk from the generation thread for no current request", chunk.request_id)
-            return
+            return False
         current.last_progress = now
         if chunk.completion_tokens > current.completion_tokens and current.first_token_at is None:
             current.first_token_at = now
         current.completion_tokens = chunk.completion_tokens
         current.prompt_tokens = chunk.prompt_tokens
-        if not current.abandoned:
+        # An overdue worker has been dropped: the loop abandons this generation as it reconnects.
+        if not current.abandoned and not self._overdue(now):
             self._send(chunk)
-        if chunk.finish_reason != pb.FINISH_NONE:
-            self._current = None
-            _log_completion(current, chunk, now)
+        if chunk.finish_reason == pb.FINISH_NONE:
+            return False
+        self._current = None
+        _log_completion(current, chunk, now)
+        return True
 
     def _abandon(self, reason: str) -> None:
         current = self._current
@@ -398,7 +430,7 @@ class WorkerService:
 
     def _send(self, message: object) -> None:
         try:
-            self._dealer.send(wire.pack(message), zmq.NOBLOCK)
+            self._dealer.send(wire.pack(message), _NOBLOCK)
             self._last_sent = time.monotonic()
         except zmq.Again:  # the router is not reading: a heartbeat or chunk it will never miss
             log.warning(
@@ -407,9 +439,12 @@ class WorkerService:
 
     def _close(self) -> None:
         signal.set_wakeup_fd(-1)
-        # The generation thread owns no socket, so a thread stuck in the engine cannot block term().
+        # The generation thread holds the lock only while it sends (never inside the engine), so a
+        # thread stuck in the engine cannot block the close.
         self._generation.stop(timeout=1.0)
-        self._dealer.close(linger=_SHUTDOWN_FLUSH_MS)
+        with self._lock:
+            self._closed = True
+            self._dealer.close(linger=_SHUTDOWN_FLUSH_MS)
         self._zmq.term()  # delivers the last messages (up to the linger time)
         self._wake_reader.close()
         self._wake_writer.close()

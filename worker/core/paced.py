@@ -2,9 +2,10 @@
 
 It streams short words at a fixed rate (PacedConfig: first_token_delay_s, then tokens_per_second,
 tokens_per_request in all), so the router, queue, wire and clients can be measured, and pools sized,
-under the timing of a real chip on any machine. It honours the Engine contract like a real
-backend: max_new_tokens, the context limit (prompt size estimated from the text), and `cancel`,
-which it waits on between tokens so a cancel takes effect at once.
+under the timing of a real chip on any machine; tokens_per_second 0 streams as fast as it can (for
+measuring the router's relay capacity). It honours the Engine contract like a real backend:
+max_new_tokens, the context limit (prompt size estimated from the text), and `cancel`, which it
+waits on between tokens so a cancel takes effect at once.
 
 For tests and soaks it can echo the request (`echo`: the answer is the last user turn's words,
 cycled) and inject faults into chosen requests (`fail_marker`, `hang_marker`, `fault_at_token`):
@@ -55,12 +56,16 @@ class PacedEngine:
             yield Chunk("", 0, prompt_tokens, finish)
             return
         words = self._words(request)
+        rate = self._pace.tokens_per_second
+        # Deadlines from the start, so the rate does not drift with the time spent yielding.
+        period = 1 / rate if rate else 0.0
         for index in range(count):
             if index + 1 == self._pace.fault_at_token:
                 self._inject_fault(request)
-            # Deadlines from the start, so the rate does not drift with the time spent yielding.
-            due = first_at + index / self._pace.tokens_per_second
-            if cancel.wait(max(0.0, due - time.monotonic())):
+            wait = first_at + index * period - time.monotonic()
+            # Event.wait() takes a lock and a condition even for a zero timeout: only wait for real.
+            cancelled = cancel.wait(wait) if wait > 0 else cancel.is_set()
+            if cancelled:
                 yield Chunk("", index, prompt_tokens, FinishReason.CANCELLED)
                 return
             word = words[index % len(words)]
