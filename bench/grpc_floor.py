@@ -22,9 +22,10 @@ from types import TracebackType
 import grpc
 
 from bench.pool import REPO_ROOT, free_port, pin_process
-from common.config import PacedConfig
+from common.config import EVENT_LOOPS, PacedConfig
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
+from router import event_loop
 
 START_TIMEOUT_S = 30.0
 
@@ -118,9 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tokens-per-second", type=float, default=10.0)
     parser.add_argument("--first-token-delay", type=float, default=0.7)
     parser.add_argument("--tokens", type=int, default=64, help="frames per call")
+    parser.add_argument("--event-loop", choices=EVENT_LOOPS, default="uvloop", help="as router.event_loop")
     args = parser.parse_args(argv)
     pace = PacedConfig(args.tokens_per_second, args.first_token_delay, args.tokens)
-    asyncio.run(serve(args.listen, pace))
+    event_loop.run(serve(args.listen, pace), args.event_loop)
     return 0
 
 

@@ -20,6 +20,7 @@ import yaml
 from common.wire import MAX_FRAME_BYTES
 
 ENGINES = ("numpy", "sail", "paced")
+EVENT_LOOPS = ("uvloop", "asyncio")  # router.event_loop: router/event_loop.py runs them
 # Room a Generate needs around the request text itself (ids, field tags, sampling params).
 _FRAME_HEADROOM_BYTES = 64 << 10
 
@@ -140,6 +141,7 @@ class RouterConfig:
     drain_timeout_s: float = 30.0
     max_request_bytes: int = 1 << 20
     metrics_listen: str | None = None  # e.g. "127.0.0.1:9400"; None = no metrics endpoint
+    event_loop: str = "uvloop"  # or "asyncio", the standard library's
 
     def __post_init__(self) -> None:
         _require_host_port("listen", self.listen)
@@ -167,6 +169,12 @@ class RouterConfig:
         )
         if self.metrics_listen is not None:
             _require_host_port("metrics_listen", self.metrics_listen)
+        _require(
+            self.event_loop in EVENT_LOOPS,
+            "event_loop",
+            f"must be one of {', '.join(EVENT_LOOPS)}",
+            self.event_loop,
+        )
 
     def worker_endpoint(self) -> str:
         """Where a worker on this host connects: zmq_bind with a wildcard host replaced by loopback."""

@@ -15,6 +15,7 @@ import signal
 import sys
 
 from common.config import ConfigError, PoolConfig, load_config
+from router import event_loop
 from router.server import RouterServer
 from router.validation import RequestLimits
 
@@ -36,7 +37,7 @@ def main() -> int:
     }
     config = dataclasses.replace(config, router=dataclasses.replace(config.router, **overrides))
     try:
-        return asyncio.run(_serve(config))
+        return event_loop.run(_serve(config), config.router.event_loop)
     except OSError as error:
         logging.getLogger("router").error("%s", error)
         return 1
@@ -50,6 +51,7 @@ async def _serve(config: PoolConfig) -> int:
     await server.start()
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
+    logging.getLogger("router").info("event loop: %s", type(loop).__module__.split(".")[0])
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop_requested.set)
     stopped = asyncio.create_task(stop_requested.wait())

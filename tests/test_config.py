@@ -112,6 +112,7 @@ workers: {devices: [2, 3], per_device: 2}
         ("router: {liveness: 1}", "router.liveness: must be >= 2, got 1"),
         ("router: {max_request_bytes: 99999999}", "router.max_request_bytes: must be in [1, "),
         ("router: {metrics_listen: 9400}", "router.metrics_listen: must be a string, got 9400"),
+        ("router: {event_loop: trio}", "router.event_loop: must be one of uvloop, asyncio, got 'trio'"),
         ("workers: {devices: []}", "workers.devices: must list at least one device id, got []"),
         ("workers: {devices: 0}", "workers.devices: must be a list of int, got 0"),
         ("workers: {devices: [0, x]}", "workers.devices[1]: must be an integer, got 'x'"),

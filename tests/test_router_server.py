@@ -15,6 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from common.config import EVENT_LOOPS
 from protos import inference_pb2_grpc
 from router.server import RouterServer
 from router.validation import RequestLimits
@@ -111,14 +112,17 @@ async def test_a_drain_that_times_out_ends_open_calls_with_unavailable_and_cance
         await drain
 
 
-def test_the_router_process_drains_on_sigterm_and_exits_0():
-    asyncio.run(asyncio.wait_for(_router_process_drains_on_sigterm(), 60))
+@pytest.mark.parametrize("event_loop", EVENT_LOOPS)
+def test_the_router_process_drains_on_sigterm_and_exits_0(event_loop: str, tmp_path: Path):
+    config = tmp_path / "pool.yaml"
+    config.write_text(f"router: {{event_loop: {event_loop}}}\n", encoding="utf-8")
+    asyncio.run(asyncio.wait_for(_router_process_drains_on_sigterm(config, event_loop), 60))
 
 
-async def _router_process_drains_on_sigterm() -> None:
+async def _router_process_drains_on_sigterm(config: Path, event_loop: str) -> None:
     grpc_port, zmq_port = free_port(), free_port()
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "router", "--listen", f"127.0.0.1:{grpc_port}",
+        sys.executable, "-m", "router", "--config", str(config), "--listen", f"127.0.0.1:{grpc_port}",
         "--zmq-bind", f"tcp://127.0.0.1:{zmq_port}", cwd=REPO, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
@@ -137,6 +141,7 @@ async def _router_process_drains_on_sigterm() -> None:
         assert await process.wait() == 0
         log = (await process.stderr.read()).decode()
         assert "draining" in log and "router stopped" in log
+        assert f"event loop: {event_loop}" in log
         await worker.close()
         await channel.close()
     finally:
