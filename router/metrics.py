@@ -173,6 +173,12 @@ class PoolMetrics:
             ("device_id",),
             **metric,
         )
+        self._restarts = Counter(
+            "worker_restarts",
+            "Worker processes started by a supervisor in place of one that died, as they register",
+            ("device_id",),
+            **metric,
+        )
         self._losses = Counter(
             "worker_losses",
             "Workers dropped as lost (silent, disconnected or replaced)",
@@ -260,8 +266,10 @@ class PoolMetrics:
 
     # -- workers: the registry -------------------------------------------------------------------
 
-    def on_worker_registered(self, worker: WorkerRecord) -> None:
+    def on_worker_registered(self, worker: WorkerRecord, restarted: bool) -> None:
         self._registrations.labels(str(worker.device_id)).inc()
+        if restarted:
+            self._restarts.labels(str(worker.device_id)).inc()
 
     def on_worker_lost(self, worker: WorkerRecord) -> None:
         self._losses.labels(str(worker.device_id)).inc()

@@ -198,14 +198,18 @@ class WorkerRegistry:
             log.warning("refused a hello from %r: %s", hello.worker_id, refusal)
             self._transport.send(identity, worker_pb2.Disconnect(reason=refusal))
             return
+        # A restarted process says so until its first Welcome; a Hello repeated before it arrived must
+        # not count twice, so only a worker id this router does not know yet counts as a restart.
+        known = hello.worker_id in self._by_worker_id or hello.worker_id in self._lost
+        restarted = hello.restarts > 0 and not known
         namesake = self._by_worker_id.get(hello.worker_id)
         if namesake is not None:
             self.drop(
                 namesake, "a new process registered with the same worker id (restarted)", tell_peer=False
             )
-        self._register(identity, hello)
+        self._register(identity, hello, restarted)
 
-    def _register(self, identity: bytes, hello: worker_pb2.Hello) -> None:
+    def _register(self, identity: bytes, hello: worker_pb2.Hello, restarted: bool) -> None:
         now = time.monotonic()
         worker = WorkerRecord(
             identity=identity,
@@ -226,14 +230,15 @@ class WorkerRegistry:
         self._idle[identity] = worker
         self._transport.send(identity, self._welcome)
         log.info(
-            "worker %s registered: device %d, model %s, context %d, pid %d",
+            "worker %s registered: device %d, model %s, context %d, pid %d%s",
             worker.worker_id,
             worker.device_id,
             worker.model_id,
             worker.context_size,
             worker.pid,
+            f" (restart {hello.restarts} of its slot)" if restarted else "",
         )
-        self._metrics.on_worker_registered(worker)
+        self._metrics.on_worker_registered(worker, restarted)
         self.changed.set()
         self._require_listener().worker_ready(worker)
 

@@ -58,6 +58,8 @@ class Child:
     process: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
     restart_at: float | None = 0.0  # when to (re)start it; None while it runs
+    starts: int = 0
+    reports_restarts: bool = False  # a worker: tell it how often its slot was restarted (for the metrics)
 
     @property
     def running(self) -> bool:
@@ -89,6 +91,7 @@ class Supervisor:
                 f"worker dev{device}-w{index}",
                 ["-m", "worker", "--config", path, "--dev-id", str(device), "--index", str(index)]
                 + (["--router", remote_router] if remote_router else []),
+                reports_restarts=True,
                 DEV_ID=str(device),
             )
             for device in config.workers.devices
@@ -96,8 +99,14 @@ class Supervisor:
         ]
         self._signals: list[int] = []
 
-    def _child(self, name: str, args: list[str], **env: str) -> Child:
-        return Child(name, [sys.executable, *args], {**os.environ, **env}, Backoff(self._config.workers))
+    def _child(self, name: str, args: list[str], reports_restarts: bool = False, **env: str) -> Child:
+        return Child(
+            name,
+            [sys.executable, *args],
+            {**os.environ, **env},
+            Backoff(self._config.workers),
+            reports_restarts=reports_restarts,
+        )
 
     @property
     def _children(self) -> list[Child]:
@@ -129,9 +138,13 @@ class Supervisor:
     def _spawn(self, child: Child, now: float) -> None:
         child.started_at = now
         child.restart_at = None
+        argv = child.argv
+        if child.reports_restarts and child.starts:
+            argv = [*argv, "--restarts", str(child.starts)]
+        child.starts += 1
         try:
             child.process = subprocess.Popen(
-                child.argv, env=child.env, process_group=0, preexec_fn=_exit_with_parent(os.getpid())
+                argv, env=child.env, process_group=0, preexec_fn=_exit_with_parent(os.getpid())
             )
         except OSError as error:
             log.error("cannot start %s: %s", child.name, error)

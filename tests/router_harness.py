@@ -147,14 +147,17 @@ class EmulatedWorker:
         self._heartbeating = True
         self._tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._heartbeat())]
 
-    async def register(self, *, protocol_version: int = wire.PROTOCOL_VERSION) -> worker_pb2.Welcome:
-        self.hello(protocol_version=protocol_version)
+    async def register(
+        self, *, protocol_version: int = wire.PROTOCOL_VERSION, restarts: int = 0
+    ) -> worker_pb2.Welcome:
+        self.hello(protocol_version=protocol_version, restarts=restarts)
         return await self.next("welcome")
 
-    def hello(self, *, protocol_version: int = wire.PROTOCOL_VERSION) -> None:
+    def hello(self, *, protocol_version: int = wire.PROTOCOL_VERSION, restarts: int = 0) -> None:
         self.send(
             worker_pb2.Hello(
                 protocol_version=protocol_version,
+                restarts=restarts,
                 worker_id=self.worker_id,
                 device_id=0,
                 model_id="test-model",

@@ -195,9 +195,13 @@ async def test_lost_workers_show_as_lost_until_a_replacement_registers_in_their_
             "bm_pool_worker_heartbeats_missed_total", device_id="0"
         )
 
+        assert lost.value("bm_pool_worker_restarts_total", device_id="0") == 0
+
         # hostB's worker restarts: a new pid, so a new id; it takes the place of its own lost record.
+        # Its supervisor's count reaches it (Hello.restarts); a Hello it repeats counts once only.
         async with unregistered_worker(router.endpoint, "hostB-dev0-w0-33") as restarted:
-            await restarted.register()
+            await restarted.register(restarts=1)
+            await restarted.register(restarts=1)
             replaced = await scrape(port)
         assert worker_states(replaced) == {
             "keeper": "idle",
@@ -205,7 +209,8 @@ async def test_lost_workers_show_as_lost_until_a_replacement_registers_in_their_
             "hostB-dev0-w0-33": "idle",
         }
         assert replaced.series("bm_pool_worker_state", worker_id="hostB-dev0-w0-22") == []
-        assert replaced.value("bm_pool_worker_registrations_total", device_id="0") == 4
+        assert replaced.value("bm_pool_worker_registrations_total", device_id="0") == 5
+        assert replaced.value("bm_pool_worker_restarts_total", device_id="0") == 1
 
 
 @async_test
@@ -306,3 +311,17 @@ def test_the_pool_serves_metrics_and_logs_the_request_id_in_router_and_worker(tm
         assert sorted(worker_states(scraped).values()) == ["idle", "idle"]
         assert scraped.value("bm_pool_worker_registrations_total", device_id="0") == 1
         assert scraped.value("bm_pool_worker_registrations_total", device_id="1") == 1
+        assert scraped.value("bm_pool_worker_restarts_total") == 0
+
+        # The supervisor restarts a killed worker and the router counts the restart on its device.
+        (victim,) = [p for p in pool.worker_processes() if worker_id.endswith(f"-{p.pid}")]
+        device = re.search(r"-dev(\d+)-", worker_id).group(1)
+        victim.kill()
+
+        def restart_counted() -> Scrape | None:
+            scraped = fetch(metrics_port)
+            return scraped if scraped.value("bm_pool_worker_restarts_total") == 1 else None
+
+        restarted = wait_until(restart_counted, "the restart counted")
+        assert restarted.value("bm_pool_worker_restarts_total", device_id=device) == 1
+        assert restarted.value("bm_pool_worker_registrations_total", device_id=device) == 2

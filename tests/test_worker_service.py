@@ -38,8 +38,17 @@ def test_hello_welcome_and_heartbeats(procs, tmp_path):
         assert hello.model_id == "paced-test"
         assert hello.context_size == 512
         assert hello.pid == worker.pid
+        assert hello.restarts == 0
         assert peer.expect("heartbeat", skip=()).busy_request_id == ""
         assert peer.expect("heartbeat", skip=()).busy_request_id == ""
+
+
+def test_a_restarted_worker_says_so_until_its_first_welcome_only(procs, tmp_path):
+    with connected(procs, paced_config(tmp_path), 0, "--restarts", "3") as (peer, _):
+        assert peer.expect("hello", HELLO_TIMEOUT_S).restarts == 3  # unanswered: said again
+        assert peer.register().restarts == 3
+        peer.send(pb.Disconnect(reason="router restarted"))
+        assert peer.expect("hello", timeout=5.0, skip=("heartbeat",)).restarts == 0
 
 
 def test_generate_streams_chunks_then_one_final_chunk(peer_and_worker):

@@ -100,11 +100,11 @@ def generate(request_id: str, text: str = "hello there", **params: Any) -> pb.Ge
 
 @contextlib.contextmanager
 def connected(
-    procs: ProcessSet, config: ConfigFile, dev_id: int = 0
+    procs: ProcessSet, config: ConfigFile, dev_id: int = 0, *extra: str
 ) -> Iterator[tuple[RouterPeer, ManagedProcess]]:
     """A worker started against a bound RouterPeer, which is closed at the end."""
     peer = RouterPeer(config.zmq_endpoint)
     try:
-        yield peer, start_worker(procs, config, dev_id, "--worker-id", WORKER_ID)
+        yield peer, start_worker(procs, config, dev_id, "--worker-id", WORKER_ID, *extra)
     finally:
         peer.close()

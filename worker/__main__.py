@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from worker.service import WorkerIdentity, run_worker
 
     endpoint = args.router or config.router.worker_endpoint()
-    return run_worker(config, WorkerIdentity(worker_id, device_id), endpoint)
+    return run_worker(config, WorkerIdentity(worker_id, device_id, args.restarts), endpoint)
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -59,11 +59,16 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--worker-id", help="unique id in the pool; default: HOST-devN-wINDEX-PID")
     parser.add_argument("--index", type=int, default=0, help="this worker's index on its device (0-based)")
+    parser.add_argument(
+        "--restarts", type=int, default=0, help="set by the supervisor: restarts of this slot so far"
+    )
     args = parser.parse_args(argv)
     if args.dev_id is not None and args.dev_id < 0:
         parser.error("--dev-id must be >= 0")
     if args.index < 0:
         parser.error("--index must be >= 0")
+    if args.restarts < 0:
+        parser.error("--restarts must be >= 0")
     return args
 
 

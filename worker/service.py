@@ -59,6 +59,7 @@ _POLLIN = int(zmq.POLLIN)
 class WorkerIdentity:
     worker_id: str  # the ZeroMQ routing id: unique in the pool
     device_id: int
+    restarts: int = 0  # how many times the supervisor restarted this slot before this process
 
 
 def run_worker(config: PoolConfig, identity: WorkerIdentity, endpoint: str) -> int:
@@ -107,6 +108,7 @@ class WorkerService:
         self._generation = GenerationThread(engine, self._deliver)
         self._current: _Generation | None = None
         self._registered = False
+        self._ever_registered = False  # a restart is reported until the first Welcome only
         self._hello_due: float | None = 0.0  # when to send the next Hello; None = sent or registered
         self._hello_sent_at: float | None = None
         self._reconnect_delay = config.workers.reconnect_backoff_s
@@ -218,6 +220,7 @@ class WorkerService:
                 model_id=self._engine.model_id,
                 context_size=self._engine.context_size,
                 pid=os.getpid(),
+                restarts=0 if self._ever_registered else self._identity.restarts,
             )
         )
         self._hello_sent_at = now
@@ -232,7 +235,7 @@ class WorkerService:
             log.info(
                 "registered with the router (heartbeat %.2f s, liveness %d)", self._interval, self._liveness
             )
-        self._registered = True
+        self._registered = self._ever_registered = True
         self._hello_sent_at = None
         self._hello_due = None
         self._reconnect_delay = self._settings.reconnect_backoff_s
