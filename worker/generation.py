@@ -1,8 +1,9 @@
 """Generation off the socket loop: one thread runs the engine, one request at a time.
 
-The socket loop must keep heartbeating and reading Cancel while a step runs, and pyzmq sockets are
-not thread-safe, so this thread never touches a socket: it hands finished wire chunks to a
-callback (the loop's outbox, which wakes the loop up).
+The socket loop must keep heartbeating and reading Cancel while a step runs, so the engine runs
+here. Each wire chunk goes to a callback as soon as it is made: the WorkerService sends it under
+the lock it shares with the socket loop (pyzmq sockets are not thread-safe), never while the
+engine is inside a step.
 """
 
 from __future__ import annotations
