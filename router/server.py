@@ -91,10 +91,6 @@ class RouterServer:
     def snapshot(self) -> Snapshot:
         return self._scheduler.snapshot()
 
-    @property
-    def draining(self) -> bool:
-        return self._draining
-
     async def drain(self) -> None:
         """Stop accepting calls, let open ones finish (up to drain_timeout_s), then stop."""
         self._draining = True

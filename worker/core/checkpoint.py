@@ -63,10 +63,6 @@ class Weights:
     final_norm: np.ndarray  # [H]
     lm_head: np.ndarray  # [H, V]; a transposed view of `embed` when the embeddings are tied
 
-    @property
-    def has_attention_bias(self) -> bool:
-        return self.layers[0].qkv_bias is not None
-
 
 def load_hf_checkpoint(folder: str | Path) -> Weights:
     """A Hugging Face folder: `config.json` and one or more `*.safetensors` files."""

@@ -19,28 +19,6 @@ def embed(weights: Weights, token_ids: np.ndarray) -> np.ndarray:
     return weights.embed[token_ids]
 
 
-def decoder_layer(
-    weights: Weights,
-    index: int,
-    hidden: np.ndarray,
-    positions: np.ndarray,
-    mask: np.ndarray,
-    past_k: np.ndarray | None = None,
-    past_v: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One layer as the bmodel graphs define it: `block_{i}` (no past) or `block_cache_{i}`.
-
-    hidden [L, H] at `positions` [L]; past_k/past_v [P, kv_heads, dim] come before the new
-    positions and mask [L, P + L] covers past then new keys. Returns (hidden [L, H], k, v) with
-    k/v [L, kv_heads, dim] of the new positions only (the caller stores them).
-    """
-    layer, arch = weights.layers[index], weights.arch
-    q, k, v = project_qkv(layer, arch, hidden, positions)
-    keys = k if past_k is None else np.concatenate([past_k, k])
-    values = v if past_v is None else np.concatenate([past_v, v])
-    return finish_layer(layer, arch, hidden, attend(q, keys, values, mask)), k, v
-
-
 def project_qkv(
     layer: LayerWeights, arch: ModelArchitecture, hidden: np.ndarray, positions: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
