@@ -40,8 +40,10 @@ class PacedServicer(pb_grpc.InferenceServiceServicer):
         loop = asyncio.get_running_loop()
         first_at = loop.time() + self.pace.first_token_delay_s
         count = self.pace.tokens_per_request
+        rate = self.pace.tokens_per_second
+        period = 1 / rate if rate else 0.0  # 0 = as fast as possible, as in the paced engine
         for index in range(count):
-            await asyncio.sleep(max(0.0, first_at + index / self.pace.tokens_per_second - loop.time()))
+            await asyncio.sleep(max(0.0, first_at + index * period - loop.time()))
             finished = index == count - 1
             frame = pb.Completion(
                 model_id="grpc-floor",
@@ -71,8 +73,11 @@ async def serve(listen: str, pace: PacedConfig) -> None:
 class FloorServer:
     """`with FloorServer(pace, cpus, scratch) as floor:` the server as a subprocess at floor.addr."""
 
-    def __init__(self, pace: PacedConfig, cpus: frozenset[int] | None, scratch: Path) -> None:
+    def __init__(
+        self, pace: PacedConfig, cpus: frozenset[int] | None, scratch: Path, event_loop: str = "uvloop"
+    ) -> None:
         self.pace = pace
+        self.event_loop = event_loop
         self.cpus = cpus
         self.scratch = scratch
         self.addr = f"127.0.0.1:{free_port()}"
@@ -84,7 +89,7 @@ class FloorServer:
             sys.executable, "-m", "bench.grpc_floor", "--listen", self.addr,
             "--tokens-per-second", str(self.pace.tokens_per_second),
             "--first-token-delay", str(self.pace.first_token_delay_s),
-            "--tokens", str(self.pace.tokens_per_request),
+            "--tokens", str(self.pace.tokens_per_request), "--event-loop", self.event_loop,
         ]  # fmt: skip
         with (self.scratch / "grpc_floor.log").open("wb") as log:
             self.process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)

@@ -56,6 +56,7 @@ class PoolSpec:
     paced: PacedConfig = field(default_factory=PacedConfig)
     queue_size: int = 256
     queue_timeout_s: float = 600.0
+    event_loop: str = "uvloop"  # router.event_loop
     # Cores for each process; None = those of the process that starts the pool (inherited).
     router_cpus: frozenset[int] | None = None
     worker_cpus: frozenset[int] | None = None
@@ -218,6 +219,7 @@ class PacedPool:
                 "zmq_bind": self.zmq_endpoint,
                 "queue_size": self.spec.queue_size,
                 "queue_timeout_s": self.spec.queue_timeout_s,
+                "event_loop": self.spec.event_loop,
                 "metrics_listen": self.metrics_url.removeprefix("http://").removesuffix("/metrics"),
             },
             "model": {

@@ -43,7 +43,7 @@ from bench.loadgen import BUILTIN_PROMPTS, LoadRun, LoadSpec, build_request, run
 from bench.pool import PacedPool, PoolSpec, RouterState, pin_process, split_cpus
 from bench.profile import record as profile_process
 from bench.stats import NS_PER_S, Distribution, RequestRecord
-from common.config import PacedConfig
+from common.config import EVENT_LOOPS, PacedConfig
 from protos.inference_pb2_grpc import InferenceServiceStub
 
 SCENARIOS = ("latency", "relay", "efficiency", "memory")
@@ -80,6 +80,7 @@ class Settings:
     queued_requests: int = 1000
     memory_workers: int = 2
     profile_s: float = 0.0  # > 0: also profile the router (py-spy) this long in latency@64 and relay
+    event_loop: str = "uvloop"  # the router's and the bare gRPC server's (router.event_loop)
 
 
 # About a minute: short windows, and neither the 256-worker nor the 128-worker pool (starting
@@ -171,6 +172,7 @@ async def added_latency(settings: Settings, scratch: Path, artifacts: Path) -> d
     router_cpus, other_cpus = split_cpus()
     counts = sorted(settings.latency_streams)
     spec = PoolSpec(
+        event_loop=settings.event_loop,
         workers=counts[0],
         paced=CHIP_PACE,
         router_cpus=router_cpus,
@@ -190,7 +192,8 @@ async def added_latency(settings: Settings, scratch: Path, artifacts: Path) -> d
                 profile = await _profiled(pool, load, settings.profile_s, artifacts / "router-latency-64")
                 await pool.wait_until_idle()
         memory = pool.memory()
-    with pinned_to(other_cpus), grpc_floor.FloorServer(CHIP_PACE, router_cpus, scratch / "floor") as floor:
+    floor_server = grpc_floor.FloorServer(CHIP_PACE, router_cpus, scratch / "floor", settings.event_loop)
+    with pinned_to(other_cpus), floor_server as floor:
         duration_s = settings.latency_duration_s
         floor_levels = [await _floor_level(floor.addr, streams, duration_s) for streams in counts]
     return {
@@ -280,7 +283,11 @@ async def _relay_run(settings: Settings, tokens_per_second: float, scratch: Path
         tokens_per_request=RELAY_TOKENS_PER_REQUEST,
     )
     spec = PoolSpec(
-        workers=settings.relay_workers, paced=paced, router_cpus=router_cpus, worker_cpus=other_cpus
+        event_loop=settings.event_loop,
+        workers=settings.relay_workers,
+        paced=paced,
+        router_cpus=router_cpus,
+        worker_cpus=other_cpus,
     )
     load = _streams_spec(settings.relay_workers)
     profile = None
@@ -322,7 +329,8 @@ async def _relay_floor(settings: Settings, tokens_per_second: float, scratch: Pa
         first_token_delay_s=0.0,
         tokens_per_request=RELAY_TOKENS_PER_REQUEST,
     )
-    with pinned_to(other_cpus), grpc_floor.FloorServer(paced, router_cpus, scratch) as floor:
+    floor_server = grpc_floor.FloorServer(paced, router_cpus, scratch, settings.event_loop)
+    with pinned_to(other_cpus), floor_server as floor:
         server = psutil.Process(floor.process.pid)
         run, start, end, server_cpu_s = await _run_for(
             floor.addr,
@@ -369,7 +377,11 @@ async def pool_efficiency(settings: Settings, scratch: Path, artifacts: Path) ->
     counts = sorted(settings.efficiency_workers)
     # As in the latency scenario, the workers run at low priority on any core.
     spec = PoolSpec(
-        workers=counts[0], paced=paced, router_cpus=router_cpus, worker_cpus=router_cpus | other_cpus
+        event_loop=settings.event_loop,
+        workers=counts[0],
+        paced=paced,
+        router_cpus=router_cpus,
+        worker_cpus=router_cpus | other_cpus,
     )
     levels = []
     with pinned_to(other_cpus), PacedPool(spec, scratch / "efficiency") as pool:
@@ -473,6 +485,7 @@ async def router_memory(settings: Settings, scratch: Path, artifacts: Path) -> d
     paced = PacedConfig(tokens_per_second=1.0, first_token_delay_s=0.0, tokens_per_request=10_000)
     waiting = settings.queued_requests
     spec = PoolSpec(
+        event_loop=settings.event_loop,
         workers=settings.memory_workers,
         paced=paced,
         queue_size=waiting,
@@ -566,6 +579,9 @@ def add_arguments(parser: argparse.ArgumentParser, names: Sequence[str] = SCENAR
     parser.add_argument("--duration", type=float, help="seconds per measurement window (overrides)")
     parser.add_argument("--profile", type=float, default=0.0, metavar="S", help="also py-spy the router S s")
     parser.add_argument("--artifacts", type=Path, default=RESULTS_DIR, help="where results and profiles go")
+    parser.add_argument(
+        "--event-loop", choices=EVENT_LOOPS, default="uvloop", help="the router's and the floor's loop"
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> tuple[Settings, list[str]]:
@@ -581,7 +597,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[Settings, list[str]]:
         )
     if args.profile < 0:
         raise ValueError(f"--profile must be >= 0 seconds, got {args.profile}")
-    settings = replace(settings, profile_s=args.profile)
+    settings = replace(settings, profile_s=args.profile, event_loop=args.event_loop)
     scenarios = [name.strip() for name in args.only.split(",") if name.strip()]
     if not scenarios or not set(scenarios) <= set(SCENARIOS):
         raise ValueError(f"--only takes names from {', '.join(SCENARIOS)}; got {args.only!r}")
