@@ -1,9 +1,9 @@
 """Which asyncio event loop runs the router (router.event_loop).
 
 uvloop (libuv) by default: it runs the router's event-loop machinery (ready callbacks, timers, fd
-readers) in C, which cut the router's CPU per relayed token by about 15% and its p99 added latency
-at 64 streams from about 2.1 to 1.4 ms in side-by-side runs (BENCHMARKS.md). "asyncio" selects
-the standard library's loop, e.g. to rule uvloop out while debugging.
+readers) in C; in side-by-side runs it took a few percent off the router's CPU and about a third off
+the p99 added latency at 256 streams (BENCHMARKS.md). "asyncio" selects the standard library's
+loop, e.g. to rule uvloop out while debugging.
 """
 
 from __future__ import annotations
