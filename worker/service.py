@@ -349,12 +349,14 @@ class WorkerService:
             if self._closed:
                 return  # the loop has ended: nobody is listening any more
             now = time.monotonic()
-            ended = self._on_chunk(chunk, now)
-            if ended or self._overdue(now) or self._router_message_waiting():
+            overdue = self._overdue(now)
+            ended = self._on_chunk(chunk, now, overdue)
+            if ended or overdue or self._router_message_waiting():
                 self._wake_loop()
 
-    def _on_chunk(self, chunk: pb.Chunk, now: float) -> bool:
-        """Send the chunk unless its generation was abandoned; True if the generation has ended."""
+    def _on_chunk(self, chunk: pb.Chunk, now: float, overdue: bool) -> bool:
+        """Send the chunk unless its generation was abandoned or this worker is `overdue` (the router
+        has dropped it: the loop abandons the generation as it reconnects); True if it has ended."""
         current = self._current
         if current is None or current.request_id != chunk.request_id:
             log.error("request %s: chunk from the generation thread for no current request", chunk.request_id)
@@ -364,8 +366,7 @@ class WorkerService:
             current.first_token_at = now
         current.completion_tokens = chunk.completion_tokens
         current.prompt_tokens = chunk.prompt_tokens
-        # An overdue worker has been dropped: the loop abandons this generation as it reconnects.
-        if not current.abandoned and not self._overdue(now):
+        if not current.abandoned and not overdue:
             self._send(chunk)
         if chunk.finish_reason == pb.FINISH_NONE:
             return False
