@@ -3,6 +3,7 @@
 A BM1684X bmodel is a set of graphs (sophon-demo `sample/Qwen`):
   embedding        input_ids [1, L] -> hidden [1, L, H]
   block_{i}        hidden, position_ids [1, L], mask [1, 1, L, L] -> hidden, k, v [1, L, kv_heads, dim]
+                   (L up to the prefill length, SEQLEN unless compiled shorter)
   embedding_cache  one token -> hidden [1, 1, H]
   block_cache_{i}  hidden [1, 1, H], position [1, 1], mask [1, 1, 1, SEQLEN + 1], past k/v
                    [1, SEQLEN, kv_heads, dim] -> hidden, k, v of one position
@@ -37,8 +38,18 @@ class HeadKind(enum.Enum):
 class GraphSpec:
     seq_len: int  # SEQLEN: KV-cache capacity, the longest prompt + answer
     num_layers: int
-    is_dynamic: bool  # prefill may run at the prompt's length instead of padding to seq_len
+    is_dynamic: bool  # prefill may run at the prompt's length instead of padding to prefill_length
     head: HeadKind
+    # The prefill graphs' length when compiled shorter than seq_len (LLM-TPU's MAX_INPUT_LENGTH):
+    # the longest prompt. 0: seq_len.
+    max_input_length: int = 0
+    # lm_head's logits can be reduced to the greedy token on the device (a `greedy_head` graph):
+    # greedy requests then call greedy_token instead of lm_head.
+    device_greedy: bool = False
+
+    @property
+    def prefill_length(self) -> int:
+        return self.max_input_length or self.seq_len
 
 
 class ModelGraphs(Protocol):
@@ -60,6 +71,10 @@ class ModelGraphs(Protocol):
 
     def lm_head(self, hidden: Hidden, index: int) -> np.ndarray:
         """The head on row `index` of hidden: float32 logits [V], or int32 [1] token id."""
+
+    def greedy_token(self, hidden: Hidden, index: int) -> int:
+        """The most probable next token of row `index`, chosen on the device; called only when
+        spec.device_greedy."""
 
     def reset(self) -> None:
         """Forget all cached keys/values (zero the KV cache); called after a failed generation,

@@ -99,6 +99,7 @@ class LLMEngine:
             settings.max_new_tokens,
             self._tokenizer.eos_token_ids,
             cancel,
+            greedy=settings.sampling.is_greedy,
         )
         decoder = StreamDecoder(self._tokenizer)
         stops = StopStringFilter(settings.stop)
@@ -167,9 +168,10 @@ class LLMEngine:
         if not history or history[-1].role != USER:
             raise RequestError("the conversation must end with a user turn")
         room = min(MIN_ANSWER_ROOM, max_new_tokens)
+        longest = self._graphs.spec.prefill_length  # a prompt is prefilled in one pass
         while True:
             prompt_ids = self._encode(request.system_message, history)
-            if len(prompt_ids) + room <= self.context_size:
+            if len(prompt_ids) + room <= self.context_size and len(prompt_ids) <= longest:
                 if len(history) < len(request.history):
                     log.info(
                         "%s: dropped %d oldest turns to fit the context",
@@ -182,6 +184,7 @@ class LLMEngine:
                     f"the prompt needs {len(prompt_ids)} tokens even with only the system message and "
                     f"the last user turn; with room for {room} new tokens that exceeds the model's "
                     f"context of {self.context_size} tokens"
+                    + (f" (or its longest prompt, {longest} tokens)" if longest < self.context_size else "")
                 )
             history = _without_oldest_turn(history)
 
