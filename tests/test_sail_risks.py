@@ -334,3 +334,27 @@ def test_every_token_id_head_shape_decodes_greedily(standin, bmodel, qwen, lm_he
     tokens, heads = greedy(graphs)
     assert heads == []
     assert tokens == greedy(NumpyGraphs(qwen, SEQ_LEN, is_dynamic=False))[0]
+
+
+# --- multi-chip bmodels (sophon-demo's 2dev layout) ----------------------------------------------
+
+
+@pytest.mark.parametrize("soc", [False, True], ids=["pcie", "soc"])
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_a_2dev_bmodel_runs_on_a_device_group(standin, bmodel, qwen, soc, dynamic):
+    standin(soc=soc, tpus=4)
+    graphs = SailGraphs(bmodel(num_device=2, addr_mode=1, dynamic=dynamic, io_dtype="bfloat16"), (2, 3))
+    assert graphs.layout.devices == 2
+    expected_tokens, _ = greedy(NumpyGraphs(qwen, SEQ_LEN, is_dynamic=dynamic))
+    tokens, _ = greedy(graphs)
+    assert tokens == expected_tokens
+    graphs.reset()
+    assert all(not array.any() for layer in range(2) for array in graphs.read_kv(layer))
+
+
+def test_a_bmodel_for_another_device_count_is_refused(standin, bmodel):
+    sail = standin(tpus=2)
+    with pytest.raises(sail.SailEngineError, match="compiled for 2 devices, given 1"):
+        SailGraphs(bmodel(num_device=2), 0)
+    with pytest.raises(sail.SailEngineError, match="compiled for 1 devices, given 2"):
+        SailGraphs(bmodel(), (0, 1))
