@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from common.devices import DeviceGroupError, format_group, group_of, overlapping
 from common.wire import MAX_FRAME_BYTES
 
 ENGINES = ("numpy", "sail", "paced")
@@ -186,7 +187,9 @@ class RouterConfig:
 
 @dataclass(frozen=True)
 class WorkersConfig:
-    devices: tuple[int, ...] = (0,)  # DEV_IDs
+    # DEV_IDs, one worker group each: an id (2), or a group of chips for a bmodel compiled for
+    # several devices ("0,1"; common/devices.py). No device may be in two entries.
+    devices: tuple[int | str, ...] = (0,)
     per_device: int = 1
     restart_backoff_s: float = 0.5  # first restart delay; doubles per crash up to the max
     restart_backoff_max_s: float = 30.0
@@ -202,7 +205,10 @@ class WorkersConfig:
     def __post_init__(self) -> None:
         _require(len(self.devices) >= 1, "devices", "must list at least one device id", list(self.devices))
         _require(
-            all(device >= 0 for device in self.devices), "devices", "must be ids >= 0", list(self.devices)
+            all(not isinstance(device, int) or device >= 0 for device in self.devices),
+            "devices",
+            "must be ids >= 0",
+            list(self.devices),
         )
         _require(
             len(set(self.devices)) == len(self.devices),
@@ -210,6 +216,12 @@ class WorkersConfig:
             "must not repeat an id",
             list(self.devices),
         )
+        try:
+            groups = [group_of(device) for device in self.devices]
+        except DeviceGroupError as error:
+            raise ConfigError("devices", f"{error} (in {list(self.devices)!r})") from None
+        shared = overlapping(groups)
+        _require(not shared, "devices", f"must not put device {shared[:1]} in two groups", list(self.devices))
         _require(self.per_device >= 1, "per_device", "must be >= 1", self.per_device)
         _require(self.restart_backoff_s > 0, "restart_backoff_s", "must be > 0", self.restart_backoff_s)
         _require(
@@ -234,6 +246,11 @@ class WorkersConfig:
     def count(self) -> int:
         """Local worker processes the supervisor runs."""
         return len(self.devices) * self.per_device
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        """The device groups in their one text form ("0", "0,1"), in config order."""
+        return tuple(format_group(group_of(device)) for device in self.devices)
 
 
 @dataclass(frozen=True)
@@ -285,7 +302,14 @@ def _section(raw: dict[str, Any], name: str) -> dict[str, Any]:
     return raw[name]
 
 
-def _parse_device_ids(text: str) -> list[int]:
+def _parse_device_ids(text: str) -> list[int | str]:
+    """ "0,1,3": three one-chip workers (as the original server read it); "0,1;2,3": two device groups."""
+    if ";" in text:
+        groups = [part.strip() for part in text.split(";")]
+        try:
+            return [format_group(group_of(group)) for group in groups]
+        except DeviceGroupError as error:
+            raise ConfigError("DEV_ID", f"{error} (groups separated by ';', e.g. '0,1;2,3')") from None
     parts = [part.strip() for part in text.split(",")]
     if not all(part.isdigit() for part in parts):
         raise ConfigError("DEV_ID", f"must be a device id or a comma-separated list of ids, got {text!r}")
@@ -313,16 +337,29 @@ def _build(cls: type, raw: object, path: str) -> Any:
 def _convert(hint: Any, value: object, path: str) -> Any:
     if is_dataclass(hint):
         return _build(hint, value, path)
-    if isinstance(hint, types.UnionType):  # `X | None`: the only union in the schema
-        if value is None:
+    if isinstance(hint, types.UnionType):  # `X | None`, or `int | str` (workers.devices)
+        options = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        if value is None and len(options) < len(typing.get_args(hint)):
             return None
-        (hint,) = (arg for arg in typing.get_args(hint) if arg is not type(None))
+        hint = next((option for option in options if _is(option, value)), options[0])
     if typing.get_origin(hint) is tuple:
         (item_hint, _) = typing.get_args(hint)
         if not isinstance(value, list):
-            raise ConfigError(path, f"must be a list of {item_hint.__name__}, got {value!r}")
+            raise ConfigError(path, f"must be a list of {_type_name(item_hint)}, got {value!r}")
         return tuple(_convert(item_hint, item, f"{path}[{index}]") for index, item in enumerate(value))
     return _scalar(hint, value, path)
+
+
+def _type_name(hint: Any) -> str:
+    return (
+        " or ".join(arg.__name__ for arg in typing.get_args(hint))
+        if isinstance(hint, types.UnionType)
+        else hint.__name__
+    )
+
+
+def _is(hint: type, value: object) -> bool:
+    return isinstance(value, hint) and not (hint is int and isinstance(value, bool))
 
 
 def _scalar(hint: type, value: object, path: str) -> object:

@@ -88,7 +88,7 @@ class RequestTimings:
 @dataclass(frozen=True)
 class _PoolView:
     snapshot: Snapshot
-    workers: list[tuple[str, int, str]]  # worker_id, device_id, state
+    workers: list[tuple[str, str, str]]  # worker_id, device_id (the device group, "0,1"), state
     histograms: list[tuple[list[int], float]]  # LoopHistogram.read() of each, in registration order
 
 

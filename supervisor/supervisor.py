@@ -88,13 +88,13 @@ class Supervisor:
         self._router = None if remote_router else self._child("router", ["-m", "router", "--config", path])
         self._workers = [
             self._child(
-                f"worker dev{device}-w{index}",
-                ["-m", "worker", "--config", path, "--dev-id", str(device), "--index", str(index)]
+                f"worker dev{group}-w{index}",
+                ["-m", "worker", "--config", path, "--dev-id", group, "--index", str(index)]
                 + (["--router", remote_router] if remote_router else []),
                 reports_restarts=True,
-                DEV_ID=str(device),
+                DEV_ID=group,
             )
-            for device in config.workers.devices
+            for group in config.workers.groups
             for index in range(config.workers.per_device)
         ]
         self._signals: list[int] = []

@@ -40,7 +40,9 @@ def standin(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., object]]:
 @pytest.fixture(scope="module")
 def small_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = tiny_config(vocab_size=97, max_positions=16)
-    return write_hf_checkpoint(tmp_path_factory.mktemp("small"), config, random_tensors(config, 0, bias=False))
+    return write_hf_checkpoint(
+        tmp_path_factory.mktemp("small"), config, random_tensors(config, 0, bias=False)
+    )
 
 
 def engine_of(sail, tmp_path: Path, checkpoint: Path, **options: object):

@@ -37,6 +37,7 @@ import zmq
 
 from common import wire
 from common.config import PoolConfig
+from common.devices import DeviceGroup, format_group
 from protos import worker_pb2 as pb
 from worker.core.engine import Engine, load_engine
 from worker.generation import GenerationThread, Job
@@ -58,17 +59,20 @@ _POLLIN = int(zmq.POLLIN)
 @dataclass(frozen=True)
 class WorkerIdentity:
     worker_id: str  # the ZeroMQ routing id: unique in the pool
-    device_id: int
+    devices: DeviceGroup  # the chips it drives: (2,), or (0, 1) for a bmodel compiled for two devices
     restarts: int = 0  # how many times the supervisor restarted this slot before this process
 
 
 def run_worker(config: PoolConfig, identity: WorkerIdentity, endpoint: str) -> int:
     """Load the engine, then serve until SIGTERM/SIGINT; returns the process exit code."""
     log.info(
-        "loading %s engine for %s on device %d", config.model.engine, config.model.path, identity.device_id
+        "loading %s engine for %s on device %s",
+        config.model.engine,
+        config.model.path,
+        format_group(identity.devices),
     )
     try:
-        engine = load_engine(config.model, identity.device_id)
+        engine = load_engine(config.model, identity.devices)
     except Exception as error:
         log.error("cannot load the %s engine from %s: %s", config.model.engine, config.model.path, error)
         return 1
@@ -216,7 +220,8 @@ class WorkerService:
             pb.Hello(
                 protocol_version=wire.PROTOCOL_VERSION,
                 worker_id=self._identity.worker_id,
-                device_id=self._identity.device_id,
+                device_id=self._identity.devices[0],
+                device_group=format_group(self._identity.devices),
                 model_id=self._engine.model_id,
                 context_size=self._engine.context_size,
                 pid=os.getpid(),

@@ -1,0 +1,78 @@
+"""Device groups: a worker may own several chips (a bmodel compiled for 2 devices on an SC7 card).
+One text form everywhere ("0,1"), validated in the config, carried in the Hello, and used as the
+device label of the router's metrics and logs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from common.config import ConfigError, WorkersConfig, load_config
+from common.devices import DeviceGroupError, format_group, group_of, overlapping, parse_group
+from tests.harness import ProcessSet, inference_stub, start_pool, wait_until, write_config
+from tests.harness import free_port as free_port_for_processes
+from tests.test_metrics import fetch, request
+from tests.worker_peer import connected
+
+
+def test_a_group_has_one_text_form():
+    assert parse_group("1, 0") == (0, 1) and format_group((1, 0)) == "0,1"
+    assert group_of(2) == (2,) and group_of("3") == (3,)
+    for bad in ("", "0,,1", "a", "0,0", "-1"):
+        with pytest.raises(DeviceGroupError):
+            parse_group(bad)
+    with pytest.raises(DeviceGroupError):
+        group_of(True)
+    assert overlapping([(0, 1), (2,), (1, 3)]) == [1]
+
+
+def test_config_groups_validated_and_written_one_way(tmp_path: Path):
+    path = tmp_path / "pool.yaml"
+    path.write_text('workers:\n  devices: ["1,0", 2, "3,4"]\n')
+    config = load_config(path, {})
+    assert config.workers.groups == ("0,1", "2", "3,4")
+    assert config.workers.count == 3
+    path.write_text('workers:\n  devices: ["0,1", 1]\n')
+    with pytest.raises(ConfigError, match=r"workers\.devices: must not put device \[1\] in two groups"):
+        load_config(path, {})
+    assert WorkersConfig(devices=(0, 1)).groups == ("0", "1")  # plain ids: one chip per worker
+
+
+def test_dev_id_names_groups_with_semicolons_and_keeps_the_old_list(tmp_path: Path):
+    path = tmp_path / "pool.yaml"
+    path.write_text("")
+    assert load_config(path, {"DEV_ID": "0,1;2,3"}).workers.groups == ("0,1", "2,3")
+    assert load_config(path, {"DEV_ID": "0,1"}).workers.groups == ("0", "1")  # as the original server
+    with pytest.raises(ConfigError, match=r"must not put device \[1\] in two groups"):
+        load_config(path, {"DEV_ID": "0,1;1"})
+    with pytest.raises(ConfigError, match=r"^DEV_ID: .*groups separated by ';'"):
+        load_config(path, {"DEV_ID": "0,1;x"})
+
+
+def test_a_worker_on_a_group_says_so_in_its_hello(procs, tmp_path: Path):
+    with connected(procs, write_config(tmp_path), "1,0") as (peer, _worker):
+        hello = peer.register()
+        assert (hello.device_group, hello.device_id) == ("0,1", 0)
+
+
+def test_the_router_labels_metrics_and_logs_with_the_group(tmp_path: Path):
+    metrics_port = free_port_for_processes()
+    overrides = {
+        "router": {"metrics_listen": f"127.0.0.1:{metrics_port}"},
+        "workers": {"devices": ["0,1", 2]},
+    }
+    config = write_config(tmp_path, overrides)
+    with ProcessSet(tmp_path) as procs:
+        pool = start_pool(procs, config)
+        frames = list(inference_stub(pool.channel).StreamComplete(request("hi"), timeout=30))
+        assert frames[-1].finished
+        scraped = wait_until(
+            lambda: (s := fetch(metrics_port)).value("bm_pool_worker_registrations_total") == 2 and s,
+            "both workers counted",
+        )
+        assert scraped.value("bm_pool_worker_registrations_total", device_id="0,1") == 1
+        assert scraped.value("bm_pool_worker_registrations_total", device_id="2") == 1
+        line = pool.supervisor.wait_for_log(r"worker (\S+-dev0,1-w0-\d+) registered: device 0,1, model")
+        assert re.search(r"-dev0,1-w0-", line.group(1))
