@@ -12,9 +12,6 @@ from __future__ import annotations
 import ast
 import importlib.util
 import inspect
-import os
-import re
-import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -516,49 +513,3 @@ def test_graph_memory_follows_the_addr_mode(sail, write_bmodel):
 def test_a_device_the_machine_lacks_is_refused(sail, write_bmodel):
     with pytest.raises(sail.SailDeviceError, match="Invalid tpu id: 1"):
         SailGraphs(write_bmodel(), 1)
-
-
-# --- scripts/chip_check.py ---------------------------------------------------------------------------
-
-
-def run_chip_check(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(REPO / "scripts" / "chip_check.py"), *args]
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-
-
-def test_chip_check_without_sophon_sail_exits_2():
-    if importlib.util.find_spec("sophon") is not None:
-        pytest.skip("sophon-sail is installed here")
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    result = run_chip_check("--config", str(REPO / "configs" / "bm1684x.yaml"), env=env)
-    assert result.returncode == 2, result.stderr
-    assert "sophon-sail is not installed" in result.stderr
-    assert result.stdout == ""
-
-
-def test_chip_check_prints_each_device_beside_the_published_figures(tiny_chat_model, tmp_path, sail):
-    from sophon._bmodel import write_bmodel as write_standin_bmodel
-
-    name = "qwen-7b_int4_seq512_1dev.bmodel"  # the published figures' model, as a stand-in of the tiny one
-    bmodel = write_standin_bmodel(tmp_path / name, tiny_chat_model, seq_len=512, lm_head="token_id")
-    config = tmp_path / "chip.yaml"
-    config.write_text(
-        "model:\n  name: tiny\n  engine: sail\n"
-        f"  path: {bmodel}\n  tokenizer: {tiny_chat_model}\n"
-        "workers:\n  devices: [0, 1]\n"
-    )
-    env = {**os.environ, "PYTHONPATH": str(FAKE_SAIL), sail.TPU_NUM_ENV: "2"}
-
-    result = run_chip_check("--config", str(config), "--max-new-tokens", "8", env=env)
-
-    assert result.returncode == 0, result.stderr
-    number = r"\d+\.\d+"
-    for device in (0, 1):
-        assert re.search(rf"^\s+{device}\s+{number}\s+{number}\s+{number}\s+8\s+length$", result.stdout, re.M)
-    assert re.search(r"^\s+sophon-demo\s+0\.68–0\.74\s+9\.4–9\.8", result.stdout, re.M), result.stdout
-
-    failing = run_chip_check(
-        "--config", str(config), "--dev-id", "0", "--dev-id", "5", "--max-new-tokens", "2", env=env
-    )
-    assert failing.returncode == 1
-    assert re.search(r"^\s+5\s+FAILED: .*Invalid tpu id: 5", failing.stdout, re.M), failing.stdout

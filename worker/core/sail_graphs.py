@@ -247,6 +247,11 @@ class SailGraphs:
     def layout(self) -> Layout:
         return self._layout
 
+    @property
+    def engine(self) -> Any:
+        """The sail.EngineLLM, for a diagnostic's read-only look at its graphs."""
+        return self._engine
+
     # --- inside ---
 
     def _run_head(self, hidden: _Hidden, index: int) -> None:

@@ -64,6 +64,26 @@ class Layout:
         return self.head_input_dtype != self.activation_dtype
 
 
+def graph_table(engine: Any) -> list[str]:
+    """One line per graph: addr mode, dynamic flag, and each input's and output's shape and dtype."""
+    lines = []
+    for graph in engine.get_graph_names():
+        sides = []
+        for side, count, shape, dtype in (
+            ("in", engine.get_input_num(graph), engine.get_input_shape, engine.get_input_dtype),
+            ("out", engine.get_output_num(graph), engine.get_output_shape, engine.get_output_dtype),
+        ):
+            tensors = ", ".join(f"{list(shape(graph, i))} {_dtype_name(dtype(graph, i))}" for i in range(count))
+            sides.append(f"{side}: {tensors}")
+        mode, dynamic = engine.get_addr_mode(graph), "dynamic" if engine.get_is_dynamic(graph) else "static"
+        lines.append(f"{graph}: addr_mode {mode}, {dynamic}; {'; '.join(sides)}")
+    return lines
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(getattr(dtype, "name", dtype)).removeprefix("BM_")
+
+
 def read_layout(engine: Any, dtypes: Any, name: str, devices: int) -> Layout:
     """Everything the adapter relies on, checked; BmodelLayoutError says what does not fit."""
     return _Reader(engine, dtypes, name).read(devices)

@@ -85,13 +85,17 @@ _HOST = {
 }
 
 
+def get_available_tpu_num() -> int:
+    return int(os.environ.get(TPU_NUM_ENV, "1"))
+
+
 def _soc() -> bool:
     return os.environ.get(SOC_ENV) == "1"
 
 
 class Handle:
     def __init__(self, dev_id: int) -> None:
-        available = int(os.environ.get(TPU_NUM_ENV, "1"))
+        available = get_available_tpu_num()
         if not 0 <= dev_id < available:
             raise SailDeviceError(f"Invalid tpu id: {dev_id}! ({available} TPUs on this stand-in machine)")
         self._dev_id = dev_id
