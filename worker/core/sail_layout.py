@@ -73,7 +73,9 @@ def graph_table(engine: Any) -> list[str]:
             ("in", engine.get_input_num(graph), engine.get_input_shape, engine.get_input_dtype),
             ("out", engine.get_output_num(graph), engine.get_output_shape, engine.get_output_dtype),
         ):
-            tensors = ", ".join(f"{list(shape(graph, i))} {_dtype_name(dtype(graph, i))}" for i in range(count))
+            tensors = ", ".join(
+                f"{list(shape(graph, index))} {_dtype_name(dtype(graph, index))}" for index in range(count)
+            )
             sides.append(f"{side}: {tensors}")
         mode, dynamic = engine.get_addr_mode(graph), "dynamic" if engine.get_is_dynamic(graph) else "static"
         lines.append(f"{graph}: addr_mode {mode}, {dynamic}; {'; '.join(sides)}")
