@@ -236,6 +236,12 @@ def test_risk5_a_bf16_embedding_beside_f16_blocks_is_converted(
     assert max(np.abs(a - b).max() for a, b in zip(logits, expected_logits, strict=True)) < 0.05
 
 
+def test_risk5_an_lm_head_taking_another_dtype_than_the_blocks_give_is_fed_converted(standin, bmodel, qwen):
+    standin()
+    graphs = SailGraphs(bmodel(io_dtype="bfloat16", lm_head_input_dtype="float16", dynamic=True))
+    assert greedy(graphs)[0] == greedy(NumpyGraphs(qwen, SEQ_LEN))[0]
+
+
 def test_risk5_kv_of_another_dtype_than_the_activations_is_refused_at_load(standin, bmodel, monkeypatch):
     sail = standin()
     dtype = sail.EngineLLM.get_input_dtype

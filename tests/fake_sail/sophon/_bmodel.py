@@ -90,11 +90,13 @@ def write_bmodel(
     io_dtype: str = "float16",
     embedding_dtype: str = "bfloat16",
     lm_head: str = "logits",
+    lm_head_input_dtype: str | None = None,
     sampling_heads: bool = False,
     num_device: int = 1,
 ) -> Path:
     """Write a stand-in bmodel file describing `checkpoint` compiled with these options
-    (block_cache_dynamic None: as `dynamic`, which gen_bmodel.sh passes to block_cache too)."""
+    (block_cache_dynamic None: as `dynamic`, which gen_bmodel.sh passes to block_cache too;
+    lm_head_input_dtype None: the activations' dtype)."""
     if io_dtype not in IO_DTYPES or embedding_dtype not in IO_DTYPES or lm_head not in LM_HEADS:
         raise ValueError(f"io_dtype {io_dtype!r}, embedding_dtype {embedding_dtype!r}, lm_head {lm_head!r}")
     if addr_mode not in (0, 1) or num_device < 1:
@@ -110,6 +112,7 @@ def write_bmodel(
         "io_dtype": io_dtype,
         "embedding_dtype": embedding_dtype,
         "lm_head": lm_head,
+        "lm_head_input_dtype": lm_head_input_dtype or io_dtype,
         "sampling_heads": sampling_heads,
         "num_device": num_device,
     }
@@ -155,7 +158,7 @@ def _graphs(weights: Weights, description: dict) -> dict[str, GraphDef]:
             0,
             embedding,
         ),
-        "lm_head": _lm_head(weights, act, description["lm_head"]),
+        "lm_head": _lm_head(weights, description["lm_head_input_dtype"], description["lm_head"]),
     }
     if description["sampling_heads"]:
         graphs.update(_sampling_heads(arch.vocab_size, seq))
