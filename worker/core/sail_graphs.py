@@ -126,7 +126,12 @@ class SailGraphs:
             max_input_length=layout.prefill_length if layout.prefill_length < layout.seq_len else 0,
             device_greedy=layout.has_greedy_head,
         )
-        count = len(group)
+        self._allocate(layout)
+        self._step_inputs: tuple[object, ...] | None = None  # what layer 0 of this step wrote
+        self._zero_kv()
+
+    def _allocate(self, layout: Layout) -> None:
+        """The device buffers of every input the adapter writes and every output it reads."""
         self._prefill_ids = self._per_device(EMBEDDING, "input", 0, 1)
         self._embedded = self._per_device(EMBEDDING, "output", 0, 1)
         self._prefill_hidden = (
@@ -147,10 +152,9 @@ class SailGraphs:
         self._head_output = self._buffer(LM_HEAD, "output", 0, 0)
         self._greedy_output = self._buffer(GREEDY_HEAD, "output", 0, 0) if layout.has_greedy_head else None
         self._kv = [
-            [self._kv_pair(layer, device) for device in range(count)] for layer in range(layout.num_layers)
+            [self._kv_pair(layer, device) for device in range(layout.devices)]
+            for layer in range(layout.num_layers)
         ]
-        self._step_inputs: tuple[object, ...] | None = None  # what layer 0 of this step wrote
-        self._zero_kv()
 
     # --- the graph contract ---
 
