@@ -5,16 +5,23 @@ device label of the router's metrics and logs."""
 from __future__ import annotations
 
 import re
+import sys
+import threading
 from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError, WorkersConfig, load_config
+from common.config import ConfigError, GenerationDefaults, WorkersConfig, load_config
 from common.devices import DeviceGroupError, format_group, group_of, overlapping, parse_group
 from tests.harness import ProcessSet, inference_stub, start_pool, wait_until, write_config
 from tests.harness import free_port as free_port_for_processes
 from tests.test_metrics import fetch, request
+from tests.test_sail_graphs import FAKE_SAIL
 from tests.worker_peer import connected
+from worker.core.checkpoint import load_hf_checkpoint
+from worker.core.llm_engine import LLMEngine
+from worker.core.numpy_graphs import NumpyGraphs
+from worker.core.request import USER, ChatRequest, SamplingParams, Turn
 
 
 def test_a_group_has_one_text_form():
@@ -76,3 +83,48 @@ def test_the_router_labels_metrics_and_logs_with_the_group(tmp_path: Path):
         assert scraped.value("bm_pool_worker_registrations_total", device_id="2") == 1
         line = pool.supervisor.wait_for_log(r"worker (\S+-dev0,1-w0-\d+) registered: device 0,1, model")
         assert re.search(r"-dev0,1-w0-", line.group(1))
+
+
+def test_a_2dev_bmodel_serves_through_the_pool_on_a_device_group(
+    tiny_chat_model: Path, tiny_chat_tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Supervisor, router and a sail worker on the group "0,1" (the stand-in as an SoC box with two
+    chips) answer as the numpy engine does on the same weights."""
+    sys.path.insert(0, str(FAKE_SAIL))
+    try:
+        from sophon._bmodel import write_bmodel
+    finally:
+        sys.path.remove(str(FAKE_SAIL))
+    bmodel = write_bmodel(
+        tmp_path / "tiny_2dev.bmodel",
+        tiny_chat_model,
+        seq_len=128,
+        num_device=2,
+        addr_mode=1,
+        io_dtype="bfloat16",
+    )
+    defaults = {"max_new_tokens": 12, "temperature": 0.0, "repetition_penalty": 1.0}
+    model = {"name": "tiny", "engine": "sail", "path": str(bmodel), "tokenizer": str(tiny_chat_model)}
+    config = write_config(
+        tmp_path, {"model": {**model, "defaults": defaults}, "workers": {"devices": ["0,1"]}}
+    )
+    for name, value in {
+        "PYTHONPATH": str(FAKE_SAIL),
+        "SAIL_STANDIN_TPU_NUM": "2",
+        "SAIL_STANDIN_SOC": "1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    numpy_engine = LLMEngine(
+        NumpyGraphs(load_hf_checkpoint(tiny_chat_model), 128),
+        tiny_chat_tokenizer,
+        "tiny",
+        GenerationDefaults(**defaults),
+    )
+    question = ChatRequest("You are a helpful assistant.", (Turn(USER, "你好"),), SamplingParams())
+    expected = "".join(chunk.text for chunk in numpy_engine.generate(question, threading.Event()))
+
+    with ProcessSet(tmp_path) as procs:
+        pool = start_pool(procs, config)
+        frames = list(inference_stub(pool.channel).StreamComplete(request("你好"), timeout=60))
+    assert frames[-1].finished and "-dev0,1-w0-" in frames[-1].worker_id
+    assert "".join(frame.output_text for frame in frames) == expected != ""
