@@ -264,7 +264,7 @@ class _Reader:
     def _head(self) -> tuple[Any, bool]:
         dtype, shape = self._dtype(LM_HEAD, "output", 0), self._shape(LM_HEAD, "output", 0)
         if dtype == self._dtypes.BM_INT32:
-            if shape[:-1] not in ([], [1]) and shape[:-2] != [1]:
+            if math.prod(shape[:-1]) != 1:
                 self._refuse(f"lm_head returns token ids {shape}, expected [1], [1, 1] or top-k [1, K]")
             return dtype, True
         if dtype not in self._floats or math.prod(shape) != shape[-1]:
