@@ -150,4 +150,5 @@ def test_chip_check_shows_the_graphs_of_a_bmodel_it_refuses(chip_config):
 def test_chip_check_fails_a_bmodel_for_another_device_count(chip_config):
     result = run_chip_check("--config", str(chip_config(devices="[0]", num_device=2)), env=standin_env())
     assert result.returncode == 1
-    assert "EngineLLM related error! the bmodel is compiled for 2 devices, given 1" in result.stdout
+    assert "FAILED: SailLoadError: sophon-sail could not load" in result.stdout
+    assert "A bmodel for N devices needs a group of N chips" in result.stdout

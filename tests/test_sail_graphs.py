@@ -28,7 +28,7 @@ from worker.core.graphs import MASK_VALUE, HeadKind, ModelGraphs
 from worker.core.llm_engine import LLMEngine
 from worker.core.numpy_graphs import NumpyGraphs
 from worker.core.request import USER, ChatRequest, EngineError, RequestError, SamplingParams, Turn
-from worker.core.sail_graphs import SAIL_MISSING, SailGraphs, SailNotInstalledError
+from worker.core.sail_graphs import SAIL_MISSING, SailGraphs, SailLoadError, SailNotInstalledError
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_SAIL = REPO / "tests" / "fake_sail"
@@ -511,5 +511,5 @@ def test_graph_memory_follows_the_addr_mode(sail, write_bmodel):
 
 
 def test_a_device_the_machine_lacks_is_refused(sail, write_bmodel):
-    with pytest.raises(sail.SailDeviceError, match="Invalid tpu id: 1"):
+    with pytest.raises(SailLoadError, match="SailDeviceError: Invalid tpu id: 1"):
         SailGraphs(write_bmodel(), 1)

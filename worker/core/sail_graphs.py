@@ -69,6 +69,10 @@ class SailTooOldError(RuntimeError):
     """The installed sophon-sail lacks a call the adapter needs."""
 
 
+class SailLoadError(RuntimeError):
+    """EngineLLM could not load the bmodel on the device group."""
+
+
 def import_sail() -> ModuleType:
     try:
         return importlib.import_module("sophon.sail")
@@ -107,10 +111,10 @@ class SailGraphs:
             raise FileNotFoundError(f"bmodel not found: {path}")
         group = (devices,) if isinstance(devices, int) else tuple(devices)
         self._sail = import_sail()
-        # The engine first: it raises on a bad DEV_ID, where sail.Handle would exit the process.
-        self._engine = self._sail.EngineLLM(str(path), list(group))
-        self._handles = [self._sail.Handle(device) for device in group]
         self._name = f"{path.name} on device {format_group(group)}"
+        # The engine first: it raises on a bad DEV_ID, where sail.Handle would exit the process.
+        self._engine = self._load_engine(path, group)
+        self._handles = [self._sail.Handle(device) for device in group]
         if not hasattr(self._sail.Tensor, "zeros") or not has_view_overload(self._sail, self._handles[0]):
             raise SailTooOldError(
                 f"sophon-sail {sail_version(self._sail)} is too old: the sail engine needs sophon-sail "
@@ -129,6 +133,16 @@ class SailGraphs:
         self._allocate(layout)
         self._step_inputs: tuple[object, ...] | None = None  # what layer 0 of this step wrote
         self._zero_kv()
+
+    def _load_engine(self, path: Path, group: DeviceGroup) -> Any:
+        try:
+            return self._sail.EngineLLM(str(path), list(group))
+        except Exception as error:  # sail says only "EngineLLM related error!" (src/engine_llm.cpp)
+            raise SailLoadError(
+                f"sophon-sail could not load {self._name}: {type(error).__name__}: {error} (are the "
+                f"device ids right, and was the bmodel compiled for {len(group)} device(s)? A bmodel "
+                'for N devices needs a group of N chips, e.g. workers.devices: ["0,1"])'
+            ) from error
 
     def _allocate(self, layout: Layout) -> None:
         """The device buffers of every input the adapter writes and every output it reads."""

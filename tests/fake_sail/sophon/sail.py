@@ -219,10 +219,8 @@ class EngineLLM:
             raise SailEngineError(f"EngineLLM bmodel error! ({bmodel_path} does not exist)")
         self._bmodel: Bmodel = load_bmodel(Path(bmodel_path))
         if len(handles) != self._bmodel.num_device:
-            raise SailEngineError(
-                f"EngineLLM related error! the bmodel is compiled for {self._bmodel.num_device} "
-                f"devices, given {len(handles)}"
-            )
+            # bmrt_load_bmodel fails; sail's message does not say why (src/engine_llm.cpp).
+            raise SailEngineError("EngineLLM related error!")
         self._dev_ids = list(dev_ids)
         self._own: dict[str, tuple[list[Tensor], list[Tensor]]] = {}
         for name, graph in self._bmodel.graphs.items():
