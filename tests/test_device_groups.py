@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError, GenerationDefaults, WorkersConfig, load_config
+from common.config import ConfigError, GenerationDefaults, ModelConfig, WorkersConfig, load_config
 from common.devices import DeviceGroupError, format_group, group_of, overlapping, parse_group
 from tests.harness import ProcessSet, inference_stub, start_pool, wait_until, write_config
 from tests.harness import free_port as free_port_for_processes
@@ -19,6 +19,7 @@ from tests.test_metrics import fetch, request
 from tests.test_sail_graphs import FAKE_SAIL
 from tests.worker_peer import connected
 from worker.core.checkpoint import load_hf_checkpoint
+from worker.core.engine import load_engine
 from worker.core.llm_engine import LLMEngine
 from worker.core.numpy_graphs import NumpyGraphs
 from worker.core.request import USER, ChatRequest, SamplingParams, Turn
@@ -56,6 +57,13 @@ def test_dev_id_names_groups_with_semicolons_and_keeps_the_old_list(tmp_path: Pa
         load_config(path, {"DEV_ID": "0,1;1"})
     with pytest.raises(ConfigError, match=r"^DEV_ID: .*groups separated by ';'"):
         load_config(path, {"DEV_ID": "0,1;x"})
+
+
+def test_the_numpy_engine_refuses_a_group_of_several_devices():
+    with pytest.raises(
+        ValueError, match="engine numpy runs a worker on one CPU slot, not on the device group 0,1"
+    ):
+        load_engine(ModelConfig(), (0, 1))
 
 
 def test_a_worker_on_a_group_says_so_in_its_hello(procs, tmp_path: Path):
