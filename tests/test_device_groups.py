@@ -11,10 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from common import wire
 from common.config import ConfigError, GenerationDefaults, ModelConfig, WorkersConfig, load_config
 from common.devices import DeviceGroupError, format_group, group_of, overlapping, parse_group
+from protos import worker_pb2
 from tests.harness import ProcessSet, inference_stub, start_pool, wait_until, write_config
 from tests.harness import free_port as free_port_for_processes
+from tests.router_harness import async_test, running_router, unregistered_worker
 from tests.test_metrics import fetch, request
 from tests.test_sail_graphs import FAKE_SAIL
 from tests.worker_peer import connected
@@ -136,3 +139,29 @@ def test_a_2dev_bmodel_serves_through_the_pool_on_a_device_group(
         frames = list(inference_stub(pool.channel).StreamComplete(request("你好"), timeout=60))
     assert frames[-1].finished and "-dev0,1-w0-" in frames[-1].worker_id
     assert "".join(frame.output_text for frame in frames) == expected != ""
+
+
+def _hello(worker_id: str, group: str) -> worker_pb2.Hello:
+    return worker_pb2.Hello(
+        protocol_version=wire.PROTOCOL_VERSION,
+        worker_id=worker_id,
+        device_id=0,
+        device_group=group,
+        model_id="test-model",
+        context_size=4096,
+        pid=1,
+    )
+
+
+@async_test
+async def test_the_router_refuses_a_group_not_written_the_one_way():
+    async with running_router() as router, unregistered_worker(router.endpoint, "odd") as odd:
+        for group, reason in (
+            ("1,0", "device_group '1,0' is not written as sorted ids such as '0,1'"),
+            ("0;1", "device_group: a device group is a device id or comma-separated ids"),
+        ):
+            odd.send(_hello("odd", group))
+            assert reason in (await odd.next("disconnect")).reason
+        assert router.server.snapshot().workers_idle == 0
+        odd.send(_hello("odd", "0,1"))
+        await odd.next("welcome")
