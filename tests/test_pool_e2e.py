@@ -350,7 +350,7 @@ def test_the_default_model_answers_the_seed_request(tmp_path):
         config = default_model_config(tmp_path)
         assert config.raw["model"]["path"] == "builtin:smollm2" and config.raw["workers"]["devices"] == [0, 1]
         supervisor = procs.start("supervisor", ["-m", "supervisor", "--config", str(config.path)])
-        wait_serving(config.grpc_address, supervisor)
+        wait_serving(config.grpc_address, supervisor, MODEL_LOAD_S)  # SERVING = the first worker loaded
         wait_until(lambda: len(registered_worker_ids(supervisor)) == 2, "2 workers loaded", MODEL_LOAD_S)
         pool = Pool(supervisor, config, open_channel(config.grpc_address))
         seed_greedy = api.CompletionRequest()

@@ -109,6 +109,29 @@ async def test_a_request_on_a_lost_worker_that_sent_nothing_runs_again_elsewhere
 
 
 @async_test
+async def test_a_request_run_again_goes_ahead_of_the_requests_already_waiting():
+    async with running_router() as router, workers(router.endpoint, "w1", "w2") as (w1, w2):
+        first, generate_1 = await router.started_stream(w1, "first")
+        second, generate_2 = await router.started_stream(w2, "second")
+        waiting = await router.queued_stream("waiting")
+        w1.stop_heartbeats()
+        await w1.next("disconnect")
+        await eventually(
+            lambda: router.server.snapshot().queued == 2, "the lost worker's request queued again"
+        )
+        await w2.serve(generate_2, ["done"])
+        next_up = await w2.next_generate()
+        assert next_up.request_id == generate_1.request_id, (
+            "the re-dispatched request waited behind the queue"
+        )
+        await w2.serve(next_up, ["first again"])
+        assert "".join(frame.output_text for frame in await read_all(first)) == "first again"
+        assert [frame.output_text for frame in await read_all(second)] == ["done"]
+        assert (await w2.next_generate()).history[0].content == "waiting"
+        waiting.cancel()
+
+
+@async_test
 async def test_a_request_on_a_lost_worker_that_already_sent_frames_fails_with_unavailable():
     async with running_router() as router, workers(router.endpoint, "w1", "w2") as (w1, w2):
         call, generate = await router.started_stream(w1, "x")

@@ -83,6 +83,13 @@ def test_the_limits_themselves_are_accepted():
     assert generate.request_id == ""
 
 
+def test_the_stop_string_limit_counts_characters_not_bytes():
+    three_bytes_each = "停" * 256  # 768 bytes of UTF-8, 256 characters: allowed
+    assert list(validate(make(stop=[three_bytes_each]), LIMITS).params.stop) == [three_bytes_each]
+    with pytest.raises(ValidationError, match=r"stop\[0\] has 257 characters"):
+        validate(make(stop=["停" * 257]), LIMITS)
+
+
 def test_greedy_temperature_zero_stays_distinct_from_an_absent_temperature():
     assert validate(make(temperature=0.0), LIMITS).params.HasField("temperature")
     absent = validate(make(), LIMITS).params
