@@ -143,6 +143,18 @@ async def test_a_request_waiting_past_its_grpc_deadline_never_reaches_a_worker()
 
 
 @async_test
+async def test_a_request_waiting_past_its_grpc_deadline_is_told_why_before_the_client_gives_up():
+    async with running_router(queue_timeout_s=30.0) as router:
+        streamed = router.stub.StreamComplete(request("hurry"), timeout=3.0)
+        completed = router.stub.Complete(request("hurry too"), timeout=3.0)
+        expired = grpc.StatusCode.DEADLINE_EXCEEDED
+        for details in await asyncio.gather(
+            expect_status(read_all(streamed), expired), expect_status(completed, expired)
+        ):
+            assert details == "no worker became free before the call's deadline: the request was not started"
+
+
+@async_test
 async def test_complete_returns_the_concatenated_stream_in_one_completion():
     pieces = ["Hello", ",", " wor", "ld", "."]
     async with running_router() as router, workers(router.endpoint, "w1") as (worker,):
