@@ -11,7 +11,7 @@ import contextlib
 import functools
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -249,6 +249,24 @@ class EmulatedWorker:
             await asyncio.sleep(HEARTBEAT_S)
             if self._heartbeating:
                 self.send(worker_pb2.Heartbeat(busy_request_id=self.current or ""))
+
+
+@contextlib.asynccontextmanager
+async def background(*coroutines: Coroutine[Any, Any, None]) -> AsyncIterator[list[asyncio.Task[None]]]:
+    """Run `coroutines` as tasks for the block, then cancel them; one that failed (an assertion in an
+    emulated worker's loop) fails the test with its own error instead of being lost with the task."""
+    tasks = [asyncio.create_task(coroutine) for coroutine in coroutines]
+    try:
+        yield tasks
+    finally:
+        for task in tasks:
+            task.cancel()
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        failures = [
+            o for o in outcomes if isinstance(o, BaseException) and not isinstance(o, asyncio.CancelledError)
+        ]
+        if failures:
+            raise failures[0]
 
 
 @contextlib.asynccontextmanager

@@ -15,6 +15,7 @@ from protos import inference_pb2, worker_pb2
 from tests.router_harness import (
     EmulatedWorker,
     async_test,
+    background,
     eventually,
     expect_status,
     read_all,
@@ -320,14 +321,14 @@ async def test_a_cancel_storm_leaves_no_request_behind():
                 await call.read()
             call.cancel()
 
-        servers = [asyncio.create_task(serve_until_cancelled(worker)) for worker in pool]
-        await asyncio.gather(*(client() for _ in range(40)))
-        await eventually(
-            lambda: router.server.snapshot().workers_idle == 3 and router.server.snapshot().open_calls == 0,
-            "every worker idle and every call closed",
-        )
-        for task in servers:
-            task.cancel()
+        async with background(*(serve_until_cancelled(worker) for worker in pool)):
+            await asyncio.gather(*(client() for _ in range(40)))
+            await eventually(
+                lambda: (
+                    router.server.snapshot().workers_idle == 3 and router.server.snapshot().open_calls == 0
+                ),
+                "every worker idle and every call closed",
+            )
         snapshot = router.server.snapshot()
         assert (snapshot.queued, snapshot.running, snapshot.workers_lost) == (0, 0, 0)
         assert all(worker.overlaps == [] for worker in pool)

@@ -11,6 +11,7 @@ from protos import inference_pb2
 from tests.router_harness import (
     EmulatedWorker,
     async_test,
+    background,
     eventually,
     expect_status,
     read_all,
@@ -84,11 +85,9 @@ async def test_more_requests_than_workers_never_share_a_worker_and_all_complete(
                 content = generate.history[0].content
                 await worker.serve(generate, [content, "/", worker.worker_id])
 
-        servers = [asyncio.create_task(serve_forever(worker)) for worker in pool]
         prompts = [f"q{index}" for index in range(12)]
-        answers = await asyncio.gather(*(read_all(router.stream(prompt)) for prompt in prompts))
-        for task in servers:
-            task.cancel()
+        async with background(*(serve_forever(worker) for worker in pool)):
+            answers = await asyncio.gather(*(read_all(router.stream(prompt)) for prompt in prompts))
         for prompt, frames in zip(prompts, answers, strict=True):
             text = "".join(frame.output_text for frame in frames)
             assert text == f"{prompt}/{frames[-1].worker_id}"
