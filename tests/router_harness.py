@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -37,9 +38,39 @@ def async_test(test: Callable[..., Awaitable[None]]) -> Callable[..., None]:
 
     @functools.wraps(test)
     def run(*args: Any, **kwargs: Any) -> None:
-        asyncio.run(asyncio.wait_for(test(*args, **kwargs), TEST_TIMEOUT_S))
+        asyncio.run(_guarded(test(*args, **kwargs)))
 
     return run
+
+
+class _ErrorRecords(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(
+            f"{record.name}: {record.getMessage()} {record.exc_info and record.exc_info[1]!r}"
+        )
+
+
+async def _guarded(test: Awaitable[None]) -> None:
+    """The test, cut off after TEST_TIMEOUT_S; then fail if anything raised where no one awaited it (a
+    router callback, a timer, a task nobody read) or the router logged an error: both are bugs the
+    router survives by design (it logs them and serves on), so only this check makes them visible."""
+    unhandled: list[str] = []
+    asyncio.get_running_loop().set_exception_handler(
+        lambda _loop, context: unhandled.append(f"{context.get('message')}: {context.get('exception')!r}")
+    )
+    router_errors = _ErrorRecords()
+    router_log = logging.getLogger("router")
+    router_log.addHandler(router_errors)
+    try:
+        await asyncio.wait_for(test, TEST_TIMEOUT_S)
+    finally:
+        router_log.removeHandler(router_errors)
+    assert not unhandled, f"errors the event loop caught: {unhandled}"
+    assert not router_errors.messages, f"the router logged errors: {router_errors.messages}"
 
 
 async def eventually(condition: Callable[[], bool], what: str = "condition") -> None:
