@@ -62,7 +62,10 @@ TARGETS = (
     Target("worker/core/chat_template.py", ("tests/test_chat_template.py", "tests/test_tokenizer.py")),
     Target("worker/core/llm_engine.py", ("tests/test_llm_engine.py",)),
 )
-STATUS_BY_EXIT_CODE = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 36: "timeout"}
+# As mutmut's own table (mutmut/stats.py); a timeout (the tests hung or ran out of CPU time) counts as a kill.
+STATUS_BY_EXIT_CODE = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped"}
+STATUS_BY_EXIT_CODE |= {code: "timeout" for code in (36, 24, -24, 152, 255)}
+STATUS_BY_EXIT_CODE |= {-11: "segfault", -9: "segfault"}
 
 
 def slug(module: str) -> str:
@@ -120,12 +123,12 @@ def collect(workdir: Path, target: Target) -> dict[str, list[str]]:
 
 
 def report(target: Target, by_status: dict[str, list[str]], elapsed: float) -> None:
-    killed = len(by_status.get("killed", []))
-    judged = killed + sum(len(by_status.get(s, [])) for s in ("survived", "timeout", "no tests"))
+    killed = sum(len(by_status.get(status, [])) for status in ("killed", "timeout", "segfault"))
+    judged = killed + sum(len(by_status.get(status, [])) for status in ("survived", "no tests"))
     score = f"{100 * killed / judged:.1f}%" if judged else "-"
     counts = ", ".join(f"{status} {len(names)}" for status, names in sorted(by_status.items()))
     print(f"\n== {target.module}: {counts}; killed {killed}/{judged} = {score} ({elapsed:.0f} s)")
-    for status in ("survived", "no tests", "timeout"):
+    for status in ("survived", "no tests"):
         for name in by_status.get(status, []):
             print(f"   {status}: {name}")
 
