@@ -7,6 +7,7 @@ tests that cover it (no suite that spawns processes), in its own scratch copy of
     .venv/bin/python scripts/mutate.py router/validation.py     # one module (make mutate MODULE=...)
     .venv/bin/python scripts/mutate.py --list                   # the modules and their tests
     .venv/bin/python scripts/mutate.py --fresh router/job.py    # forget earlier results first
+    .venv/bin/python scripts/mutate.py --tests-at 0ad59cc router/job.py   # with the tests of a revision
 
 It prints, per module, the mutants killed / survived / timed out / not covered and the score, then
 the surviving mutants' names (`cd .mutate/<slug> && ../../.venv/bin/mutmut show NAME` shows one).
@@ -29,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SCRATCH = REPO / ".mutate"
 MUTMUT = [sys.executable, "-m", "mutmut"]
-COPIED = ("common", "protos", "router", "worker", "tests", "pyproject.toml")
+COPIED = ("common", "protos", "router", "worker", "supervisor", "configs", "tests", "pyproject.toml")
 
 
 @dataclass(frozen=True)
@@ -81,9 +82,10 @@ def slug(module: str) -> str:
     return module.removesuffix(".py").replace("/", ".")
 
 
-def prepare(target: Target, fresh: bool) -> Path:
-    """The module's scratch copy of the repository with its mutmut configuration."""
-    workdir = SCRATCH / slug(target.module)
+def prepare(target: Target, fresh: bool, tests_at: str | None = None) -> Path:
+    """The module's scratch copy of the repository with its mutmut configuration; with `tests_at`, its
+    tests/ are those of that git revision (a baseline: the score before new tests were written)."""
+    workdir = SCRATCH / (slug(target.module) + (f"@{tests_at}" if tests_at else ""))
     if fresh and workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -93,11 +95,18 @@ def prepare(target: Target, fresh: bool) -> Path:
             shutil.copytree(source, copy, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(source, copy)
-    selection = "\n    ".join(target.tests)
+    if tests_at:
+        shutil.rmtree(workdir / "tests")
+        archive = subprocess.run(
+            ["git", "archive", tests_at, "tests"], cwd=REPO, check=True, capture_output=True
+        )
+        subprocess.run(["tar", "-x", "-C", str(workdir)], input=archive.stdout, check=True)
+    selection = "\n    ".join(test for test in target.tests if (workdir / test).exists())
     (workdir / "setup.cfg").write_text(
         "[mutmut]\n"
         "source_paths =\n    common\n    protos\n    router\n    worker\n"
         f"only_mutate = {target.module}\n"
+        "also_copy =\n    supervisor\n    configs\n"
         f"pytest_add_cli_args_test_selection =\n    {selection}\n"
         "pytest_add_cli_args =\n    -p\n    no:cacheprovider\n    -q\n"
         # mutants are tried in forks of a process that has imported grpc: fork from a clean server
@@ -106,8 +115,8 @@ def prepare(target: Target, fresh: bool) -> Path:
     return workdir
 
 
-def run(target: Target, fresh: bool, jobs: int) -> dict[str, list[str]]:
-    workdir = prepare(target, fresh)
+def run(target: Target, fresh: bool, jobs: int, tests_at: str | None) -> dict[str, list[str]]:
+    workdir = prepare(target, fresh, tests_at)
     patterns = [f"{slug(target.module)}.{functions}" for functions in target.functions]
     started = time.monotonic()
     subprocess.run([*MUTMUT, "run", "--max-children", str(jobs), *patterns], cwd=workdir, check=False)
@@ -150,6 +159,9 @@ def main() -> int:
     parser.add_argument("--list", action="store_true", help="print the modules and their tests, run nothing")
     parser.add_argument("--fresh", action="store_true", help="forget earlier results of these modules")
     parser.add_argument("--jobs", type=int, default=2, help="mutants tried at once (default 2)")
+    parser.add_argument(
+        "--tests-at", metavar="REV", help="use the tests of this git revision (the before of TESTING.md)"
+    )
     args = parser.parse_args()
     by_module = {target.module: target for target in TARGETS}
     unknown = [module for module in args.modules if module not in by_module]
@@ -161,7 +173,7 @@ def main() -> int:
             print(f"{target.module} [{' '.join(target.functions)}]: {' '.join(target.tests)}")
         return 0
     for target in targets:
-        run(target, args.fresh, args.jobs)
+        run(target, args.fresh, args.jobs, args.tests_at)
     return 0
 
 
