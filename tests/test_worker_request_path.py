@@ -67,18 +67,20 @@ def wired() -> Iterator[Wired]:
     model = ModelConfig(name="paced-test", engine="paced", context_size=512, paced=pace)
     config = PoolConfig(router=RouterConfig(zmq_bind=endpoint), model=model)
     peer = RouterPeer(endpoint)
-    service = WorkerService(PacedEngine(model), WorkerIdentity(WORKER_ID, 0), endpoint, config)
-    service._generation.start()
     try:
-        with service._lock:
-            service._send_hello(time.monotonic())
-        assert peer.expect("hello").worker_id == WORKER_ID
-        wired = Wired(peer, service)
-        wired.deliver_from_router(pb.Welcome(heartbeat_interval_ms=INTERVAL_MS, liveness=3))
-        assert service._registered
-        yield wired
+        service = WorkerService(PacedEngine(model), WorkerIdentity(WORKER_ID, 0), endpoint, config)
+        try:
+            service._generation.start()
+            with service._lock:
+                service._send_hello(time.monotonic())
+            assert peer.expect("hello").worker_id == WORKER_ID
+            wired = Wired(peer, service)
+            wired.deliver_from_router(pb.Welcome(heartbeat_interval_ms=INTERVAL_MS, liveness=3))
+            assert service._registered
+            yield wired
+        finally:
+            service._close()
     finally:
-        service._close()
         peer.close()
 
 
