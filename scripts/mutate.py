@@ -20,6 +20,7 @@ import argparse
 import collections
 import fnmatch
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -117,6 +118,9 @@ def prepare(target: Target, fresh: bool, tests_at: str | None = None) -> Path:
 
 def run(target: Target, fresh: bool, jobs: int, tests_at: str | None) -> dict[str, list[str]]:
     workdir = prepare(target, fresh, tests_at)
+    # tests/conftest.py looks for the fixture data beside the repository: from the scratch copy, point
+    # it at the real one's neighbour, or the tests that need it would skip and their mutants survive.
+    os.environ.setdefault("POOL_TEST_FIXTURES", str(REPO.parent / "shared" / "fixtures"))
     patterns = [f"{slug(target.module)}.{functions}" for functions in target.functions]
     started = time.monotonic()
     subprocess.run([*MUTMUT, "run", "--max-children", str(jobs), *patterns], cwd=workdir, check=False)
