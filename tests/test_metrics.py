@@ -21,6 +21,7 @@ from protos import worker_pb2
 from router.calls import MAX_REQUEST_ID_CHARS, REQUEST_ID_KEY
 from tests.harness import ProcessSet, inference_stub, start_pool, wait_until, write_config
 from tests.harness import free_port as free_port_for_processes
+from tests.raw_grpc import raw_unary_call
 from tests.router_harness import (
     async_test,
     eventually,
@@ -250,6 +251,24 @@ async def test_an_unusable_request_id_is_refused_and_a_usable_one_is_returned_an
         details = await expect_status(read_all(call), grpc.StatusCode.INVALID_ARGUMENT)
         assert f"{REQUEST_ID_KEY} metadata must be 1 to {MAX_REQUEST_ID_CHARS} printable ASCII" in details
         assert re.fullmatch(r"[0-9a-f]{16}", (await call.initial_metadata())[REQUEST_ID_KEY])
+        assert worker.pending("generate") == 0
+
+
+@async_test
+async def test_a_non_ascii_request_id_is_refused():
+    """A grpc client will not send one, but HTTP/2 carries any byte: the router must refuse it too."""
+    async with running_router() as router, workers(router.endpoint, "w1") as (worker,):
+        headers = [(REQUEST_ID_KEY.encode(), "trace-é".encode())]
+        path = "/InferenceService/StreamComplete"
+        answer = await asyncio.to_thread(
+            raw_unary_call, router.server.grpc_port, path, request("hi"), headers
+        )
+        assert answer["grpc-status"] == str(grpc.StatusCode.INVALID_ARGUMENT.value[0]), answer
+        assert (
+            f"{REQUEST_ID_KEY} metadata must be 1 to {MAX_REQUEST_ID_CHARS} printable ASCII"
+            in (answer["grpc-message"])
+        )
+        assert re.fullmatch(r"[0-9a-f]{16}", answer[REQUEST_ID_KEY])
         assert worker.pending("generate") == 0
 
 
