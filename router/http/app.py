@@ -168,7 +168,7 @@ class HttpServer:
         await runner.setup()
         self._runner = runner
         host, _, port = self._address.rpartition(":")
-        site = web.TCPSite(runner, host.strip("[]"), int(port), shutdown_timeout=shutdown_timeout_s)
+        site = web.TCPSite(runner, host.strip("[]"), int(port))
         try:
             await site.start()
         except OSError as error:
