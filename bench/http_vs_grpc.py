@@ -1,0 +1,183 @@
+"""The HTTP/SSE front beside the gRPC front: added latency per token and router CPU per token, at
+1, 16 and 64 concurrent streams with paced workers at chip pace, side by side in one run.
+
+One router (pinned to its own core) with 64 paced workers; at each level the same number of streams
+runs over gRPC (StreamComplete) and then over HTTP (/v1/chat/completions, stream: true), each
+stream its own worker, so nothing queues. The client sits on the other cores.
+
+Added latency is measured the same way for both fronts, from the client's clock alone (an SSE chunk
+carries no worker timestamp): a paced worker emits token i at (its start + first_token_delay_s +
+i / tokens_per_second), so a frame whose last token is i arriving at t is late by
+t - (request sent + first_token_delay_s + i / tokens_per_second). That lateness is the request's
+way in (client -> router -> worker, once) plus the token's way out (worker -> router -> client).
+Router CPU per token is the router process's CPU time over the level divided by the tokens the
+clients received.
+
+    python -m bench.http_vs_grpc [--quick]     (also part of `make bench`: python -m bench --only http)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import aiohttp
+import grpc
+
+from bench.pool import PacedPool, PoolSpec, split_cpus
+from bench.router_overhead import CHIP_PACE, STREAMS_PER_CONNECTION, CpuMeter, pinned_to
+from bench.stats import NS_PER_S, Distribution
+from protos import inference_pb2
+from protos.inference_pb2_grpc import InferenceServiceStub
+
+LEVELS = (1, 16, 64)
+FRONTS = ("grpc", "http")
+REQUESTS_PER_STREAM = 3  # each request: 0.7 s to the first token, then 64 tokens at 10/s
+QUICK_REQUESTS_PER_STREAM = 1
+PROMPT = "Tell me a story."
+TARGET_RATIO = 1.5  # issue 10: HTTP within 1.5x of gRPC at 64 streams, latency p50 and CPU per token
+
+Frames = list[tuple[int, int]]  # (receive time ns, tokens so far) per frame
+
+
+async def grpc_request(stub: InferenceServiceStub) -> tuple[int, Frames]:
+    request = inference_pb2.CompletionRequest(history=[inference_pb2.ChatMessage(role=1, content=PROMPT)])
+    sent = time.time_ns()
+    frames = [(time.time_ns(), frame.token_usage) async for frame in stub.StreamComplete(request)]
+    return sent, frames
+
+
+async def http_request(session: aiohttp.ClientSession, url: str) -> tuple[int, Frames]:
+    body = {"messages": [{"role": "user", "content": PROMPT}], "stream": True}
+    sent = time.time_ns()
+    frames: Frames = []
+    tokens = 0
+    async with session.post(url, json=body) as response:
+        response.raise_for_status()
+        async for line in response.content:
+            if not line.startswith(b"data: {"):
+                continue
+            choices = json.loads(line[6:])["choices"]
+            text = choices[0].get("delta", {}).get("content") if choices else None
+            if text:  # a paced worker's token is one word
+                tokens += len(text.split())
+                frames.append((time.time_ns(), tokens))
+    return sent, frames
+
+
+def lateness_ms(sent_ns: int, frames: Frames) -> list[float]:
+    delay_s, period_s = CHIP_PACE.first_token_delay_s, 1 / CHIP_PACE.tokens_per_second
+    return [
+        (received - sent_ns) / NS_PER_S * 1000 - (delay_s + (tokens - 1) * period_s) * 1000
+        for received, tokens in frames
+    ]
+
+
+async def run_level(pool: PacedPool, front: str, streams: int, requests_per_stream: int) -> dict:
+    meter = CpuMeter(pool.router_process())
+    samples: list[float] = []
+    tokens = 0
+
+    async def one_stream(request: object) -> None:
+        nonlocal tokens
+        await asyncio.sleep(random.uniform(0, 1 / CHIP_PACE.tokens_per_second))  # out of lockstep
+        for _ in range(requests_per_stream):
+            sent, frames = await request()  # type: ignore[operator]
+            samples.extend(lateness_ms(sent, frames))
+            tokens += frames[-1][1] if frames else 0
+
+    began = time.monotonic()
+    if front == "grpc":
+        channels = [
+            grpc.aio.insecure_channel(pool.addr) for _ in range(math.ceil(streams / STREAMS_PER_CONNECTION))
+        ]
+        stubs = [InferenceServiceStub(channel) for channel in channels]
+        await asyncio.gather(
+            *(one_stream(lambda i=i: grpc_request(stubs[i % len(stubs)])) for i in range(streams))
+        )
+        for channel in channels:
+            await channel.close()
+    else:
+        url = f"{pool.http_url}/v1/chat/completions"
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            await asyncio.gather(*(one_stream(lambda: http_request(session, url)) for _ in range(streams)))
+    router_cpu_s = meter.seconds()
+    return {
+        "front": front,
+        "streams": streams,
+        "added_latency_ms": asdict(Distribution.of(samples)),
+        "tokens": tokens,
+        "router_cpu_us_per_token": router_cpu_s / max(tokens, 1) * 1e6,
+        "router_cpu_utilisation": router_cpu_s / (time.monotonic() - began),
+    }
+
+
+async def run(requests_per_stream: int, scratch: Path) -> dict:
+    router_cpus, other_cpus = split_cpus()
+    spec = PoolSpec(
+        workers=max(LEVELS),
+        paced=CHIP_PACE,
+        router_cpus=router_cpus,
+        worker_cpus=router_cpus | other_cpus,
+    )
+    levels = []
+    with pinned_to(other_cpus), PacedPool(spec, scratch / "http-vs-grpc") as pool:
+        for streams in LEVELS:
+            for front in FRONTS:  # side by side: the same pool, one after the other
+                levels.append(await run_level(pool, front, streams, requests_per_stream))
+                await pool.wait_until_idle()
+    return {"pace": asdict(CHIP_PACE), "requests_per_stream": requests_per_stream, "levels": levels}
+
+
+def format_table(results: dict) -> str:
+    by_key = {(level["front"], level["streams"]): level for level in results["levels"]}
+    lines = [
+        "HTTP/SSE vs gRPC at chip pace (added latency per token, ms; router CPU per token, us)",
+        f"{'streams':>7}  {'gRPC p50':>8} {'p99':>7}  {'HTTP p50':>8} {'p99':>7}  {'ratio':>5}"
+        f"  {'gRPC cpu':>8} {'HTTP cpu':>8} {'ratio':>5}",
+    ]
+    for streams in LEVELS:
+        grpc_level, http_level = by_key[("grpc", streams)], by_key[("http", streams)]
+        g, h = grpc_level["added_latency_ms"], http_level["added_latency_ms"]
+        g_cpu, h_cpu = grpc_level["router_cpu_us_per_token"], http_level["router_cpu_us_per_token"]
+        lines.append(
+            f"{streams:>7}  {g['p50']:>8.2f} {g['p99']:>7.2f}  {h['p50']:>8.2f} {h['p99']:>7.2f}  "
+            f"{h['p50'] / g['p50']:>5.2f}  {g_cpu:>8.1f} {h_cpu:>8.1f} {h_cpu / g_cpu:>5.2f}"
+        )
+    top = max(LEVELS)
+    g, h = by_key[("grpc", top)], by_key[("http", top)]
+    latency_ok = h["added_latency_ms"]["p50"] <= TARGET_RATIO * g["added_latency_ms"]["p50"]
+    cpu_ok = h["router_cpu_us_per_token"] <= TARGET_RATIO * g["router_cpu_us_per_token"]
+    lines.append(
+        f"target at {top} streams: HTTP p50 within {TARGET_RATIO}x of gRPC's: "
+        f"{'met' if latency_ok else 'MISSED'}; router CPU per token within {TARGET_RATIO}x: "
+        f"{'met' if cpu_ok else 'MISSED'}"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.http_vs_grpc", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one request per stream (about 30 s)")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    requests = QUICK_REQUESTS_PER_STREAM if args.quick else REQUESTS_PER_STREAM
+    with tempfile.TemporaryDirectory(prefix="bench-http-") as scratch:
+        results = asyncio.run(run(requests, Path(scratch)))
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    print(format_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
