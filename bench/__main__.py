@@ -98,9 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["router"] = asyncio.run(router_overhead.run_suite(settings, scenarios, args.artifacts))
     if run_http:
         print("HTTP/SSE vs gRPC ...", file=sys.stderr, flush=True)
-        requests = http_vs_grpc.QUICK_REQUESTS_PER_STREAM if args.quick else http_vs_grpc.REQUESTS_PER_STREAM
+        rounds = http_vs_grpc.QUICK_ROUNDS if args.quick else http_vs_grpc.ROUNDS
         with tempfile.TemporaryDirectory(prefix="bench-http-") as scratch:
-            results[HTTP] = asyncio.run(http_vs_grpc.run(requests, Path(scratch)))
+            results[HTTP] = asyncio.run(http_vs_grpc.run(rounds, Path(scratch)))
     if run_engine:
         print("engine benchmark ...", file=sys.stderr, flush=True)
         results[ENGINE] = run_engine_benchmark(args.engine_args.split())

@@ -2,8 +2,9 @@
 1, 16 and 64 concurrent streams with paced workers at chip pace, side by side in one run.
 
 One router (pinned to its own core) with 64 paced workers; at each level the same number of streams
-runs over gRPC (StreamComplete) and then over HTTP (/v1/chat/completions, stream: true), each
-stream its own worker, so nothing queues. The client sits on the other cores.
+runs over gRPC (StreamComplete) and over HTTP (/v1/chat/completions, stream: true), alternating
+round by round (one request per stream each), each stream its own worker, so nothing queues. The
+client sits on the other cores.
 
 Added latency is measured the same way for both fronts, from the client's clock alone (an SSE chunk
 carries no worker timestamp): a paced worker emits token i at (its start + first_token_delay_s +
@@ -27,7 +28,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -41,8 +42,8 @@ from protos.inference_pb2_grpc import InferenceServiceStub
 
 LEVELS = (1, 16, 64)
 FRONTS = ("grpc", "http")
-REQUESTS_PER_STREAM = 3  # each request: 0.7 s to the first token, then 64 tokens at 10/s
-QUICK_REQUESTS_PER_STREAM = 1
+ROUNDS = 4  # requests per stream and front; each: 0.7 s to the first token, then 64 tokens at 10/s
+QUICK_ROUNDS = 1
 PROMPT = "Tell me a story."
 TARGET_RATIO = 1.5  # issue 10: HTTP within 1.5x of gRPC at 64 streams, latency p50 and CPU per token
 
@@ -82,18 +83,38 @@ def lateness_ms(sent_ns: int, frames: Frames) -> list[float]:
     ]
 
 
-async def run_level(pool: PacedPool, front: str, streams: int, requests_per_stream: int) -> dict:
+@dataclass
+class Level:
+    """What one front measured at one level, over all its rounds."""
+
+    front: str
+    streams: int
+    samples: list[float] = field(default_factory=list)  # added latency per frame, ms
+    tokens: int = 0
+    router_cpu_s: float = 0.0
+    wall_s: float = 0.0
+
+    def summary(self) -> dict:
+        return {
+            "front": self.front,
+            "streams": self.streams,
+            "added_latency_ms": asdict(Distribution.of(self.samples)),
+            "tokens": self.tokens,
+            "router_cpu_us_per_token": self.router_cpu_s / max(self.tokens, 1) * 1e6,
+            "router_cpu_utilisation": self.router_cpu_s / max(self.wall_s, 1e-9),
+        }
+
+
+async def run_round(pool: PacedPool, level: Level) -> None:
+    """One request on each of level.streams concurrent streams, added to `level`."""
     meter = CpuMeter(pool.router_process())
-    samples: list[float] = []
-    tokens = 0
+    front, streams = level.front, level.streams
 
     async def one_stream(request: object) -> None:
-        nonlocal tokens
         await asyncio.sleep(random.uniform(0, 1 / CHIP_PACE.tokens_per_second))  # out of lockstep
-        for _ in range(requests_per_stream):
-            sent, frames = await request()  # type: ignore[operator]
-            samples.extend(lateness_ms(sent, frames))
-            tokens += frames[-1][1] if frames else 0
+        sent, frames = await request()  # type: ignore[operator]
+        level.samples.extend(lateness_ms(sent, frames))
+        level.tokens += frames[-1][1] if frames else 0
 
     began = time.monotonic()
     if front == "grpc":
@@ -110,18 +131,11 @@ async def run_level(pool: PacedPool, front: str, streams: int, requests_per_stre
         url = f"{pool.http_url}/v1/chat/completions"
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
             await asyncio.gather(*(one_stream(lambda: http_request(session, url)) for _ in range(streams)))
-    router_cpu_s = meter.seconds()
-    return {
-        "front": front,
-        "streams": streams,
-        "added_latency_ms": asdict(Distribution.of(samples)),
-        "tokens": tokens,
-        "router_cpu_us_per_token": router_cpu_s / max(tokens, 1) * 1e6,
-        "router_cpu_utilisation": router_cpu_s / (time.monotonic() - began),
-    }
+    level.router_cpu_s += meter.seconds()
+    level.wall_s += time.monotonic() - began
 
 
-async def run(requests_per_stream: int, scratch: Path) -> dict:
+async def run(rounds: int, scratch: Path) -> dict:
     router_cpus, other_cpus = split_cpus()
     spec = PoolSpec(
         workers=max(LEVELS),
@@ -132,10 +146,15 @@ async def run(requests_per_stream: int, scratch: Path) -> dict:
     levels = []
     with pinned_to(other_cpus), PacedPool(spec, scratch / "http-vs-grpc") as pool:
         for streams in LEVELS:
-            for front in FRONTS:  # side by side: the same pool, one after the other
-                levels.append(await run_level(pool, front, streams, requests_per_stream))
-                await pool.wait_until_idle()
-    return {"pace": asdict(CHIP_PACE), "requests_per_stream": requests_per_stream, "levels": levels}
+            pair = [Level(front, streams) for front in FRONTS]
+            # Side by side: the same pool, the fronts alternating round by round, so a change in
+            # the machine's load (it is shared) falls on both.
+            for _ in range(rounds):
+                for level in pair:
+                    await run_round(pool, level)
+                    await pool.wait_until_idle()
+            levels.extend(level.summary() for level in pair)
+    return {"pace": asdict(CHIP_PACE), "rounds": rounds, "levels": levels}
 
 
 def format_table(results: dict) -> str:
@@ -167,12 +186,12 @@ def format_table(results: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.http_vs_grpc", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one request per stream (about 30 s)")
+    parser.add_argument("--quick", action="store_true", help="one round (about a minute)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
-    requests = QUICK_REQUESTS_PER_STREAM if args.quick else REQUESTS_PER_STREAM
+    rounds = QUICK_ROUNDS if args.quick else ROUNDS
     with tempfile.TemporaryDirectory(prefix="bench-http-") as scratch:
-        results = asyncio.run(run(requests, Path(scratch)))
+        results = asyncio.run(run(rounds, Path(scratch)))
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print(format_table(results))
