@@ -62,11 +62,17 @@ def client(pool: Pool) -> Iterator[openai.OpenAI]:
 
 
 def grpc_text(pool: Pool, **params: float | int) -> api.Completion:
-    """The gRPC front's answer (Complete) to the same conversation."""
+    """The gRPC front's answer (StreamComplete) to the same conversation, as one Completion."""
     request = api.CompletionRequest(
         system_message=SYSTEM, history=[api.ChatMessage(role=1, content=QUESTION)], **params
     )
-    return inference_stub(pool.channel).Complete(request, timeout=TIMEOUT_S)
+    frames = list(inference_stub(pool.channel).StreamComplete(request, timeout=TIMEOUT_S))
+    last = frames[-1]
+    return api.Completion(
+        output_text="".join(frame.output_text for frame in frames),
+        prompt_tokens=last.prompt_tokens,
+        token_usage=last.token_usage,
+    )
 
 
 def test_greedy_chat_text_equals_stream_complete_streamed_or_not(pool: Pool, client: openai.OpenAI) -> None:
