@@ -27,6 +27,7 @@ import psutil
 
 from bench import http_vs_grpc, plot, router_overhead, targets
 from bench.engine import run_engine_benchmark
+from router import event_loop
 
 ENGINE = "engine"
 HTTP = "http"  # the HTTP/SSE front beside gRPC
@@ -100,7 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("HTTP/SSE vs gRPC ...", file=sys.stderr, flush=True)
         rounds = http_vs_grpc.QUICK_ROUNDS if args.quick else http_vs_grpc.ROUNDS
         with tempfile.TemporaryDirectory(prefix="bench-http-") as scratch:
-            results[HTTP] = asyncio.run(http_vs_grpc.run(rounds, Path(scratch)))
+            results[HTTP] = event_loop.run(
+                http_vs_grpc.run(rounds, Path(scratch)), http_vs_grpc.CLIENT_EVENT_LOOP
+            )
     if run_engine:
         print("engine benchmark ...", file=sys.stderr, flush=True)
         results[ENGINE] = run_engine_benchmark(args.engine_args.split())

@@ -12,7 +12,9 @@ i / tokens_per_second), so a frame whose last token is i arriving at t is late b
 t - (request sent + first_token_delay_s + i / tokens_per_second). That lateness is the request's
 way in (client -> router -> worker, once) plus the token's way out (worker -> router -> client).
 Router CPU per token is the router process's CPU time over the level divided by the tokens the
-clients received.
+clients received. Beside each, the floor: the same streams against bare servers of each front with
+no router behind them (bench/grpc_floor.py: grpc.aio, and aiohttp sending the router's SSE
+chunks), i.e. what the client, the protocol stack and the shared machine cost on their own.
 
     python -m bench.http_vs_grpc [--quick]     (also part of `make bench`: python -m bench --only http)
 """
@@ -27,24 +29,31 @@ import random
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import aiohttp
 import grpc
+import psutil
 
+from bench import grpc_floor
 from bench.pool import PacedPool, PoolSpec, split_cpus
 from bench.router_overhead import CHIP_PACE, STREAMS_PER_CONNECTION, CpuMeter, pinned_to
 from bench.stats import NS_PER_S, Distribution
 from protos import inference_pb2
 from protos.inference_pb2_grpc import InferenceServiceStub
+from router import event_loop
 
 LEVELS = (1, 16, 64)
 FRONTS = ("grpc", "http")
 ROUNDS = 4  # requests per stream and front; each: 0.7 s to the first token, then 64 tokens at 10/s
 QUICK_ROUNDS = 1
 PROMPT = "Tell me a story."
+# The client's loop: on the stdlib loop, 64 aiohttp SSE connections cost the client more than the
+# router adds (the HTTP floor measured 2-4x slower on it); uvloop keeps the client out of the figures.
+CLIENT_EVENT_LOOP = "uvloop"
 TARGET_RATIO = 1.5  # issue 10: HTTP within 1.5x of gRPC at 64 streams, latency p50 and CPU per token
 
 Frames = list[tuple[int, int]]  # (receive time ns, tokens so far) per frame
@@ -83,11 +92,20 @@ def lateness_ms(sent_ns: int, frames: Frames) -> list[float]:
     ]
 
 
+class Target(NamedTuple):
+    """Where the streams go: the router under test, or the floor servers beside it."""
+
+    addr: str  # gRPC host:port
+    http_url: str
+    process: psutil.Process  # whose CPU is measured
+
+
 @dataclass
 class Level:
     """What one front measured at one level, over all its rounds."""
 
     front: str
+    through: str  # "router" or "floor"
     streams: int
     samples: list[float] = field(default_factory=list)  # added latency per frame, ms
     tokens: int = 0
@@ -97,6 +115,7 @@ class Level:
     def summary(self) -> dict:
         return {
             "front": self.front,
+            "through": self.through,
             "streams": self.streams,
             "added_latency_ms": asdict(Distribution.of(self.samples)),
             "tokens": self.tokens,
@@ -105,9 +124,9 @@ class Level:
         }
 
 
-async def run_round(pool: PacedPool, level: Level) -> None:
+async def run_round(target: Target, level: Level) -> None:
     """One request on each of level.streams concurrent streams, added to `level`."""
-    meter = CpuMeter(pool.router_process())
+    meter = CpuMeter(target.process)
     front, streams = level.front, level.streams
 
     async def one_stream(request: object) -> None:
@@ -119,7 +138,7 @@ async def run_round(pool: PacedPool, level: Level) -> None:
     began = time.monotonic()
     if front == "grpc":
         channels = [
-            grpc.aio.insecure_channel(pool.addr) for _ in range(math.ceil(streams / STREAMS_PER_CONNECTION))
+            grpc.aio.insecure_channel(target.addr) for _ in range(math.ceil(streams / STREAMS_PER_CONNECTION))
         ]
         stubs = [InferenceServiceStub(channel) for channel in channels]
         await asyncio.gather(
@@ -128,7 +147,7 @@ async def run_round(pool: PacedPool, level: Level) -> None:
         for channel in channels:
             await channel.close()
     else:
-        url = f"{pool.http_url}/v1/chat/completions"
+        url = f"{target.http_url}/v1/chat/completions"
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
             await asyncio.gather(*(one_stream(lambda: http_request(session, url)) for _ in range(streams)))
     level.router_cpu_s += meter.seconds()
@@ -145,35 +164,56 @@ async def run(rounds: int, scratch: Path) -> dict:
     )
     levels = []
     with pinned_to(other_cpus), PacedPool(spec, scratch / "http-vs-grpc") as pool:
+        target = Target(pool.addr, pool.http_url, pool.router_process())
         for streams in LEVELS:
-            pair = [Level(front, streams) for front in FRONTS]
-            # Side by side: the same pool, the fronts alternating round by round, so a change in
-            # the machine's load (it is shared) falls on both.
-            for _ in range(rounds):
-                for level in pair:
-                    await run_round(pool, level)
-                    await pool.wait_until_idle()
-            levels.extend(level.summary() for level in pair)
+            levels += await _side_by_side(target, "router", streams, rounds, pool.wait_until_idle)
+    floor_server = grpc_floor.FloorServer(CHIP_PACE, router_cpus, scratch / "floor")
+    with pinned_to(other_cpus), floor_server as floor:
+        assert floor.process is not None
+        target = Target(floor.addr, floor.http_url, psutil.Process(floor.process.pid))
+        for streams in LEVELS:
+            levels += await _side_by_side(target, "floor", streams, rounds, _nothing_to_wait_for)
     return {"pace": asdict(CHIP_PACE), "rounds": rounds, "levels": levels}
 
 
+async def _side_by_side(
+    target: Target, through: str, streams: int, rounds: int, settle: Callable[[], Awaitable[None]]
+) -> list[dict]:
+    """Both fronts at one level, alternating round by round, so that a change in the machine's
+    load (it is shared) falls on both."""
+    pair = [Level(front, through, streams) for front in FRONTS]
+    for _ in range(rounds):
+        for level in pair:
+            await run_round(target, level)
+            await settle()
+    return [level.summary() for level in pair]
+
+
+async def _nothing_to_wait_for() -> None:
+    return None
+
+
 def format_table(results: dict) -> str:
-    by_key = {(level["front"], level["streams"]): level for level in results["levels"]}
+    by_key = {(level["front"], level["through"], level["streams"]): level for level in results["levels"]}
     lines = [
-        "HTTP/SSE vs gRPC at chip pace (added latency per token, ms; router CPU per token, us)",
-        f"{'streams':>7}  {'gRPC p50':>8} {'p99':>7}  {'HTTP p50':>8} {'p99':>7}  {'ratio':>5}"
-        f"  {'gRPC cpu':>8} {'HTTP cpu':>8} {'ratio':>5}",
+        "HTTP/SSE vs gRPC at chip pace: added latency per token (ms; floor = a bare server of the same "
+        "front, no router), router CPU per token (us)",
+        f"{'streams':>7}  {'gRPC p50':>8} {'p99':>7} {'floor':>6}  {'HTTP p50':>8} {'p99':>7} {'floor':>6}"
+        f"  {'ratio':>5}  {'gRPC cpu':>8} {'HTTP cpu':>8} {'ratio':>5}",
     ]
     for streams in LEVELS:
-        grpc_level, http_level = by_key[("grpc", streams)], by_key[("http", streams)]
+        grpc_level, http_level = by_key[("grpc", "router", streams)], by_key[("http", "router", streams)]
         g, h = grpc_level["added_latency_ms"], http_level["added_latency_ms"]
+        g_floor = by_key[("grpc", "floor", streams)]["added_latency_ms"]["p50"]
+        h_floor = by_key[("http", "floor", streams)]["added_latency_ms"]["p50"]
         g_cpu, h_cpu = grpc_level["router_cpu_us_per_token"], http_level["router_cpu_us_per_token"]
         lines.append(
-            f"{streams:>7}  {g['p50']:>8.2f} {g['p99']:>7.2f}  {h['p50']:>8.2f} {h['p99']:>7.2f}  "
-            f"{h['p50'] / g['p50']:>5.2f}  {g_cpu:>8.1f} {h_cpu:>8.1f} {h_cpu / g_cpu:>5.2f}"
+            f"{streams:>7}  {g['p50']:>8.2f} {g['p99']:>7.2f} {g_floor:>6.2f}  "
+            f"{h['p50']:>8.2f} {h['p99']:>7.2f} {h_floor:>6.2f}  {h['p50'] / g['p50']:>5.2f}  "
+            f"{g_cpu:>8.1f} {h_cpu:>8.1f} {h_cpu / g_cpu:>5.2f}"
         )
     top = max(LEVELS)
-    g, h = by_key[("grpc", top)], by_key[("http", top)]
+    g, h = by_key[("grpc", "router", top)], by_key[("http", "router", top)]
     latency_ok = h["added_latency_ms"]["p50"] <= TARGET_RATIO * g["added_latency_ms"]["p50"]
     cpu_ok = h["router_cpu_us_per_token"] <= TARGET_RATIO * g["router_cpu_us_per_token"]
     lines.append(
@@ -191,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rounds = QUICK_ROUNDS if args.quick else ROUNDS
     with tempfile.TemporaryDirectory(prefix="bench-http-") as scratch:
-        results = asyncio.run(run(rounds, Path(scratch)))
+        results = event_loop.run(run(rounds, Path(scratch)), CLIENT_EVENT_LOOP)
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print(format_table(results))

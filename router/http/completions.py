@@ -95,20 +95,14 @@ async def _admissible(request: web.Request, front: Front, call: Call, endpoint: 
 
 
 async def _json_body(request: web.Request, limits: RequestLimits, timeout_s: float) -> object:
-    too_large = ApiError(
-        grpc.StatusCode.INVALID_ARGUMENT,
-        f"request too large: the body has more than {limits.max_request_bytes} bytes, "
-        f"the limit is {limits.max_request_bytes} bytes",
-        code="request_too_large",
-        status=413,
-    )
-    if request.content_length is not None and request.content_length > limits.max_request_bytes:
-        raise too_large
+    limit = limits.max_request_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise _too_large(f"{request.content_length} bytes", limit)
     try:
         async with asyncio.timeout(timeout_s):
             raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise too_large from None
+        raise _too_large(f"more than {limit} bytes", limit) from None
     except TimeoutError:
         raise ApiError(
             grpc.StatusCode.INVALID_ARGUMENT,
@@ -120,6 +114,16 @@ async def _json_body(request: web.Request, limits: RequestLimits, timeout_s: flo
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as error:
         raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, f"the body is not valid JSON: {error}") from None
+
+
+def _too_large(size: str, limit: int) -> ApiError:
+    """As the gRPC front words it (router/validation.py), for the body as it came."""
+    return ApiError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"request too large: {size}, the limit is {limit} bytes",
+        code="request_too_large",
+        status=413,
+    )
 
 
 def _submit(front: Front, parsed: OpenAIRequest, first: Call) -> list[Call]:
@@ -201,7 +205,6 @@ class _Answer:
                 if error is not None:  # nothing sent yet: a plain HTTP error
                     return error.response(self._calls[0].request_id), error.outcome
                 response = await self._open_stream(request)
-            assert isinstance(event, Update) or error is not None
             if isinstance(event, Update) and event.text:
                 await response.write(writer.text_event(index, event.text))
             if error is not None:

@@ -32,7 +32,6 @@ class HttpAnswer(NamedTuple):
 ANSWERS: dict[grpc.StatusCode, HttpAnswer] = {
     grpc.StatusCode.INVALID_ARGUMENT: HttpAnswer(400, "invalid_request_error", None),
     grpc.StatusCode.UNAUTHENTICATED: HttpAnswer(401, "authentication_error", None),
-    grpc.StatusCode.PERMISSION_DENIED: HttpAnswer(403, "permission_error", None),
     grpc.StatusCode.NOT_FOUND: HttpAnswer(404, "invalid_request_error", None),
     grpc.StatusCode.RESOURCE_EXHAUSTED: HttpAnswer(429, "rate_limit_error", 1),  # the queue is full
     grpc.StatusCode.CANCELLED: HttpAnswer(499, "cancelled", None),  # the client went away: nobody reads it

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from common.config import HttpConfig
 from router.metrics import PoolMetrics
@@ -23,7 +23,7 @@ class Front:
     config: HttpConfig
     is_draining: Callable[[], bool]
     model_name: str  # the configured model: served even before its first worker registers
-    started_unix: int = field(default=0)  # reported as the models' `created`
+    started_unix: int = 0  # reported as the models' `created`
 
     def served_models(self) -> list[str]:
         """The configured model, then any other model a registered worker serves."""
