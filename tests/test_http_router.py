@@ -266,3 +266,19 @@ async def collect(create: Any, texts: list[str]) -> list[str]:
 
 async def chunks_of(create: Any) -> list[Any]:
     return [chunk async for chunk in await create]
+
+
+@async_test
+async def test_one_failed_choice_fails_the_request_and_cancels_the_others() -> None:
+    async with http_router() as (server, client), workers(server.zmq_endpoint, "w1", "w2") as pair:
+        whole = asyncio.create_task(chat(client, n=2))
+        generates = [await worker.next_generate() for worker in pair]
+        pair[0].chunk(
+            generates[0].request_id, "", 0, error_kind=worker_pb2.ERROR_ENGINE, error_message="boom"
+        )
+        with pytest.raises(openai.InternalServerError, match="boom"):
+            await whole
+        assert (await pair[1].next("cancel")).request_id == generates[1].request_id
+        pair[1].chunk(generates[1].request_id, "", 0, finish=worker_pb2.FINISH_CANCELLED)
+        await eventually(lambda: server.snapshot().workers_idle == 2, "both workers free")
+        await eventually(lambda: server.snapshot().open_calls == 0, "no call left open")

@@ -19,6 +19,7 @@ fails, and closing the jobs tells the workers to stop within one token.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -160,6 +161,7 @@ class _Answer:
         model = parsed.model or front.model_name
         self._writer = ResponseWriter(parsed.endpoint, calls[0].request_id, model, parsed.include_usage)
         self._headers = {REQUEST_ID_KEY: calls[0].request_id}
+        self._stream_response: web.StreamResponse | None = None  # once its headers went out
 
     async def run(self, request: web.Request) -> web.StreamResponse:
         outcome = grpc.StatusCode.CANCELLED  # unless it ends otherwise: the client went away
@@ -169,8 +171,8 @@ class _Answer:
             else:
                 response, outcome = await self._whole()
             return response
-        except ConnectionResetError:
-            return web.Response(status=499)  # nobody reads it: the connection is gone
+        except ConnectionResetError:  # a write found the connection gone: nobody reads what follows
+            return self._stream_response or web.Response(status=499)
         except Exception:
             outcome = grpc.StatusCode.UNKNOWN  # a bug: aiohttp answers 500
             raise
@@ -180,15 +182,14 @@ class _Answer:
                 end_call(call, outcome, self._front.metrics)
 
     async def _whole(self) -> tuple[web.StreamResponse, grpc.StatusCode]:
+        waits = [asyncio.ensure_future(_result(job)) for job in self._jobs]
         try:
-            updates = await asyncio.gather(*(job.result() for job in self._jobs))
-        except JobFailed as failure:
-            error = ApiError(failure.code, failure.message)
+            updates = await asyncio.gather(*waits)
+        except ApiError as error:  # the first choice that failed fails the request
             return error.response(self._calls[0].request_id), error.outcome
-        for update in updates:
-            if update.error_kind:
-                error = _engine_error(update)
-                return error.response(self._calls[0].request_id), error.outcome
+        finally:
+            for wait in waits:  # the other choices' waits, when one failed: their jobs are closed
+                wait.cancel()
         prompt_tokens, completion_tokens = self._usage(updates)
         body = self._writer.completion(
             [(update.text, update.finish_reason) for update in updates], prompt_tokens, completion_tokens
@@ -197,22 +198,23 @@ class _Answer:
 
     async def _stream(self, request: web.Request) -> tuple[web.StreamResponse, grpc.StatusCode]:
         writer = self._writer
-        response: web.StreamResponse | None = None
         finals: list[Update | None] = [None] * len(self._jobs)
-        async for index, event in _events(self._jobs):
-            error = _error_of(event)
-            if response is None:
-                if error is not None:  # nothing sent yet: a plain HTTP error
-                    return error.response(self._calls[0].request_id), error.outcome
-                response = await self._open_stream(request)
-            if isinstance(event, Update) and event.text:
-                await response.write(writer.text_event(index, event.text))
-            if error is not None:
-                await response.write(sse_event(error.body()))
-                return response, error.outcome
-            if event.final:
-                finals[index] = event
-                await response.write(writer.finish_event(index, event.finish_reason))
+        async with contextlib.aclosing(_events(self._jobs)) as events:
+            async for index, event in events:
+                error = _error_of(event)
+                response = self._stream_response
+                if response is None:
+                    if error is not None:  # nothing sent yet: a plain HTTP error
+                        return error.response(self._calls[0].request_id), error.outcome
+                    response = await self._open_stream(request)
+                if isinstance(event, Update) and event.text:
+                    await response.write(writer.text_event(index, event.text))
+                if error is not None:
+                    await response.write(sse_event(error.body()))
+                    return response, error.outcome
+                if event.final:
+                    finals[index] = event
+                    await response.write(writer.finish_event(index, event.finish_reason))
         assert response is not None and all(finals), "every choice ends with a final update"
         if self._parsed.include_usage:
             await response.write(writer.usage_event(*self._usage(finals)))  # type: ignore[arg-type]
@@ -223,6 +225,7 @@ class _Answer:
     async def _open_stream(self, request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={**SSE_HEADERS, **self._headers})
         await response.prepare(request)
+        self._stream_response = response
         if self._parsed.endpoint is Endpoint.CHAT:
             for index in range(len(self._jobs)):
                 await response.write(self._writer.role_event(index))
@@ -234,6 +237,17 @@ class _Answer:
             update.prompt_tokens for update, g in zip(finals, generations, strict=True) if g.counts_prompt
         )
         return prompt, sum(update.completion_tokens for update in finals)
+
+
+async def _result(job: Job) -> Update:
+    """A choice's whole output, or ApiError when it failed."""
+    try:
+        update = await job.result()
+    except JobFailed as failure:
+        raise ApiError(failure.code, failure.message) from None
+    if update.error_kind:
+        raise _engine_error(update)
+    return update
 
 
 async def _events(jobs: list[Job]) -> AsyncIterator[tuple[int, Update | JobFailed]]:
