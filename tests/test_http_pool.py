@@ -193,7 +193,8 @@ def test_request_ids_go_in_and_out_and_name_the_front_in_the_log(pool: Pool, cli
 
 
 def test_models_health_and_metrics_share_the_port(pool: Pool, client: openai.OpenAI) -> None:
-    assert [model.id for model in client.models.list().data] == [MODEL]
+    (model,) = client.models.list().data
+    assert (model.id, model.owned_by, model.model_extra) == (MODEL, "bm1684x-pool", {"max_model_len": 4096})
     with urllib.request.urlopen(f"{base_url(pool)}/health", timeout=TIMEOUT_S) as health:
         assert health.status == 200
     client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=1)

@@ -61,11 +61,15 @@ def chat(client: openai.AsyncOpenAI, **params: Any) -> Any:
 
 @async_test
 async def test_no_worker_is_503_service_unavailable() -> None:
-    async with http_router() as (_server, client):
+    async with http_router() as (server, client):
         with pytest.raises(openai.APIStatusError) as raised:
-            await chat(client)
-        assert raised.value.status_code == 503
+            await chat(client, extra_headers={"x-request-id": "refused-1"})
+        assert raised.value.status_code == 503 and raised.value.code == "no_worker"
         assert "no worker is registered" in raised.value.message
+        assert raised.value.response.headers["x-request-id"] == "refused-1"
+        async with aiohttp.ClientSession() as session:
+            health = await session.get(f"http://127.0.0.1:{server.http_port}/health")
+            assert health.status == 503 and (await health.json()) == {"status": "no_worker", "workers": 0}
 
 
 @async_test

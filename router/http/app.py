@@ -147,7 +147,12 @@ class _Routes:
         return web.FileResponse(STATIC / "index.html")
 
     def _model(self, name: str) -> dict[str, Any]:
-        return {"id": name, "object": "model", "created": self._front.started_unix, "owned_by": OWNER}
+        model = {"id": name, "object": "model", "created": self._front.started_unix, "owned_by": OWNER}
+        # As vLLM reports it, for clients that size their prompts: the context of a worker serving it.
+        contexts = [w.context_size for w in self._front.registry.workers() if w.model_id == name]
+        if contexts:
+            model["max_model_len"] = min(contexts)
+        return model
 
 
 class HttpServer:
