@@ -1,7 +1,8 @@
 """Run the router alone: `python -m router --config configs/default.yaml`.
 
-SIGTERM or SIGINT starts a graceful drain (health NOT_SERVING, new calls UNAVAILABLE, open calls
-finish up to router.drain_timeout_s), then the process exits 0. It exits 1 if the config is bad,
+SIGTERM or SIGINT starts a graceful drain of both fronts (health NOT_SERVING and HTTP /health 503,
+new calls UNAVAILABLE or HTTP 503, open calls finish up to router.drain_timeout_s), then the process
+exits 0. It exits 1 if the config is bad,
 an address cannot be bound, or one of the router's loops dies.
 """
 
