@@ -2,8 +2,8 @@
 
 SIGTERM or SIGINT starts a graceful drain of both fronts (health NOT_SERVING and HTTP /health 503,
 new calls UNAVAILABLE or HTTP 503, open calls finish up to router.drain_timeout_s), then the process
-exits 0. It exits 1 if the config is bad,
-an address cannot be bound, or one of the router's loops dies.
+exits 0. It exits 1 if the config is bad, an address cannot be bound, or one of the router's loops
+dies.
 """
 
 from __future__ import annotations
