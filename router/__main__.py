@@ -37,9 +37,6 @@ def main() -> int:
         if value is not None
     }
     config = dataclasses.replace(config, router=dataclasses.replace(config.router, **overrides))
-    if args.http_listen is not None:
-        listen = None if args.http_listen == "off" else args.http_listen
-        config = dataclasses.replace(config, http=dataclasses.replace(config.http, listen=listen))
     try:
         return event_loop.run(_serve(config), config.router.event_loop)
     except OSError as error:
@@ -77,7 +74,6 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--zmq-bind", help="worker endpoint, overrides router.zmq_bind (e.g. tcp://127.0.0.1:*)"
     )
-    parser.add_argument("--http-listen", help="HTTP front address, overrides http.listen ('off': none)")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return parser.parse_args()
 
