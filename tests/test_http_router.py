@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -286,3 +287,18 @@ async def test_one_failed_choice_fails_the_request_and_cancels_the_others() -> N
         pair[1].chunk(generates[1].request_id, "", 0, finish=worker_pb2.FINISH_CANCELLED)
         await eventually(lambda: server.snapshot().workers_idle == 2, "both workers free")
         await eventually(lambda: server.snapshot().open_calls == 0, "no call left open")
+
+
+@async_test
+async def test_a_taken_http_port_fails_the_start_clearly_and_null_means_no_front() -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = f"127.0.0.1:{holder.getsockname()[1]}"
+        server = RouterServer(router_config(), RequestLimits(1 << 20, 512), HttpConfig(listen=taken), MODEL)
+        with pytest.raises(OSError, match=f"cannot listen for HTTP on {taken}"):
+            await server.start()
+    off = RouterServer(router_config(), RequestLimits(1 << 20, 512), HttpConfig(listen=None), MODEL)
+    await off.start()
+    assert off.http_port == 0 and off.grpc_port != 0
+    await off.stop()
