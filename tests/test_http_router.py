@@ -249,9 +249,12 @@ async def test_unknown_model_is_404_model_not_found() -> None:
 @async_test
 async def test_n_choices_run_on_as_many_workers_and_are_indexed_in_the_stream() -> None:
     async with http_router() as (server, client), workers(server.zmq_endpoint, "w1", "w2") as pair:
-        stream = asyncio.create_task(chunks_of(chat(client, stream=True, n=2, seed=7)))
+        longest_id = "r" * 128  # the longest x-request-id a client may send; choice 1 adds "-1"
+        headers = {"x-request-id": longest_id}
+        stream = asyncio.create_task(chunks_of(chat(client, stream=True, n=2, seed=7, extra_headers=headers)))
         generates = [await worker.next_generate() for worker in pair]
         assert {g.params.seed for g in generates} == {7, 8}  # each choice its own generation
+        assert {g.request_id for g in generates} == {longest_id, f"{longest_id}-1"}
         for worker, generate, text in zip(pair, generates, ("one", "two"), strict=True):
             worker.chunk(generate.request_id, text, 1, finish=worker_pb2.FINISH_STOP)
         texts = {0: "", 1: ""}

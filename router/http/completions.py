@@ -133,13 +133,9 @@ def _submit(front: Front, parsed: OpenAIRequest, first: Call) -> list[Call]:
     calls: list[Call] = []
     try:
         for index, generation in enumerate(parsed.generations):
-            call = (
-                first
-                if index == 0
-                else Call(first.method, [(REQUEST_ID_KEY, f"{base_id}-{index}")], HTTP_FRONT)
-            )
-            job = front.scheduler.submit(generation.generate, None, call.request_id)
-            call.admitted(job)
+            call = first if index == 0 else Call(first.method, None, HTTP_FRONT)
+            wanted_id = base_id if index == 0 else f"{base_id}-{index}"  # may exceed a client's limit
+            call.admitted(front.scheduler.submit(generation.generate, None, wanted_id))
             calls.append(call)
     except QueueFull as error:
         for call in calls:
