@@ -107,6 +107,7 @@ class PacedPool:
         self.addr = f"127.0.0.1:{free_port()}"
         self.zmq_endpoint = f"tcp://127.0.0.1:{free_port()}"
         self.metrics_url = f"http://127.0.0.1:{free_port()}/metrics"
+        self.http_url = f"http://127.0.0.1:{free_port()}"  # the OpenAI-compatible front
         self.config_path = scratch / "pool.yaml"
         self.router: subprocess.Popen | None = None
         self.workers: list[subprocess.Popen] = []
@@ -235,6 +236,7 @@ class PacedPool:
                 },
             },
             "workers": {"devices": [0], "per_device": 1},
+            "http": {"listen": self.http_url.removeprefix("http://")},
         }
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
 

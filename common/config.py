@@ -186,6 +186,21 @@ class RouterConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    """The OpenAI-compatible HTTP front (router/http/), in the router process beside gRPC."""
+
+    listen: str | None = "127.0.0.1:8000"  # host:port; None = no HTTP front
+    max_n: int = 8  # the largest `n` (choices per request) a client may ask for
+    body_timeout_s: float = 10.0  # a request body still arriving after this is refused (408)
+
+    def __post_init__(self) -> None:
+        if self.listen is not None:
+            _require_host_port("listen", self.listen)
+        _require(self.max_n >= 1, "max_n", "must be >= 1", self.max_n)
+        _require(self.body_timeout_s > 0, "body_timeout_s", "must be > 0", self.body_timeout_s)
+
+
+@dataclass(frozen=True)
 class WorkersConfig:
     # DEV_IDs, one worker group each: an id (2), or a group of chips for a bmodel compiled for
     # several devices ("0,1"; common/devices.py). No device may be in two entries.
@@ -258,6 +273,7 @@ class PoolConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
 
 
 def load_config(path: str | Path, environ: Mapping[str, str] = os.environ) -> PoolConfig:

@@ -1,8 +1,9 @@
 """Run the router alone: `python -m router --config configs/default.yaml`.
 
-SIGTERM or SIGINT starts a graceful drain (health NOT_SERVING, new calls UNAVAILABLE, open calls
-finish up to router.drain_timeout_s), then the process exits 0. It exits 1 if the config is bad,
-an address cannot be bound, or one of the router's loops dies.
+SIGTERM or SIGINT starts a graceful drain of both fronts (health NOT_SERVING and HTTP /health 503,
+new calls UNAVAILABLE or HTTP 503, open calls finish up to router.drain_timeout_s), then the process
+exits 0. It exits 1 if the config is bad, an address cannot be bound, or one of the router's loops
+dies.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ async def _serve(config: PoolConfig) -> int:
     limits = RequestLimits(
         max_request_bytes=config.router.max_request_bytes, max_new_tokens=config.model.context_size
     )
-    server = RouterServer(config.router, limits)
+    server = RouterServer(config.router, limits, config.http, config.model.name)
     await server.start()
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()

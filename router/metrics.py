@@ -136,8 +136,9 @@ class PoolMetrics:
         metric = {"namespace": NAMESPACE, "registry": self.registry}
         self._requests = Counter(
             "requests",
-            "Calls ended, by method, gRPC status code and finish reason (none: no finished generation)",
-            ("grpc_method", "grpc_code", "finish_reason"),
+            "Calls ended, by front (grpc, http), method, status code (gRPC's names; the HTTP front "
+            "maps its answers to them) and finish reason (none: no finished generation)",
+            ("front", "grpc_method", "grpc_code", "finish_reason"),
             **metric,
         )
         self._prompt_tokens = Counter("prompt_tokens", "Prompt tokens of the requests served", **metric)
@@ -163,7 +164,8 @@ class PoolMetrics:
         )
         self._duration = Histogram(
             "request_duration_seconds",
-            "End-to-end time of calls answered OK, from receipt to the last frame",
+            "End-to-end time of calls answered OK, from receipt to the last frame, by front",
+            ("front",),
             buckets=DURATION_BUCKETS_S,
             **metric,
         )
@@ -195,6 +197,9 @@ class PoolMetrics:
         self._pool = _PoolCollector((self._inter_token,))
         self.registry.register(self._pool)
         self._http: WSGIServer | None = None
+        # Tokens relayed to clients since the start (cancelled generations included): the HTTP
+        # front's status page derives the pool's tokens/s from it.
+        self.tokens_relayed = 0
 
     # -- wiring ----------------------------------------------------------------------------------
 
@@ -244,6 +249,7 @@ class PoolMetrics:
         tokens = chunk.completion_tokens
         if tokens <= timings.completion_tokens:
             return
+        self.tokens_relayed += tokens - timings.completion_tokens
         timings.completion_tokens = tokens
         now = time.monotonic()
         if timings.first_token_at is None:
@@ -256,13 +262,13 @@ class PoolMetrics:
     def on_call_end(self, call: Call, code: grpc.StatusCode) -> None:
         job = call.job
         finish = job.timings.finish_name if job is not None else _FINISH_NAMES[worker_pb2.FINISH_NONE]
-        self._requests.labels(call.method, code.name, finish).inc()
+        self._requests.labels(call.front, call.method, code.name, finish).inc()
         if job is None:
             return
         self._prompt_tokens.inc(job.timings.prompt_tokens)
         self._generation_tokens.inc(job.timings.completion_tokens)
         if code is grpc.StatusCode.OK:
-            self._duration.observe(call.ended_at - call.started_at)
+            self._duration.labels(call.front).observe(call.ended_at - call.started_at)
 
     # -- workers: the registry -------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""The router process assembled: gRPC server, health, reflection, worker socket and scheduler.
+"""The router process assembled: gRPC server, health, reflection, worker socket and scheduler, and
+the OpenAI-compatible HTTP front (router/http/) on the same event loop when http.listen is set.
 
 RouterServer owns the pieces and their lifetimes. Health (`grpc.health.v1`, for the overall
 server "" and for "InferenceService") is SERVING while at least one worker is registered and
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Coroutine
 from typing import Any
 
@@ -20,8 +22,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from common.config import RouterConfig
+from common.config import HttpConfig, RouterConfig
 from protos import inference_pb2
+from router.http.app import HttpServer, Middleware
+from router.http.front import Front
 from router.metrics import PoolMetrics
 from router.scheduler import Scheduler, Snapshot
 from router.service import InferenceServicer
@@ -40,9 +44,20 @@ STOP_GRACE_S = 1.0
 
 
 class RouterServer:
-    def __init__(self, config: RouterConfig, limits: RequestLimits) -> None:
+    def __init__(
+        self,
+        config: RouterConfig,
+        limits: RequestLimits,
+        http: HttpConfig | None = None,
+        model_name: str = "",
+        http_middlewares: tuple[Middleware, ...] = (),
+    ) -> None:
         self._config = config
         self._limits = limits
+        self._http_config = http  # None or listen None: no HTTP front
+        self._model_name = model_name
+        self._http_middlewares = http_middlewares
+        self._http: HttpServer | None = None
         self._draining = False
         self._stopped = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -52,6 +67,7 @@ class RouterServer:
         self.metrics = PoolMetrics()
         self.metrics_port = 0  # the HTTP metrics endpoint's port; 0 = not served
         self.grpc_port = 0
+        self.http_port = 0  # 0 = no HTTP front
         self.zmq_endpoint = ""
 
     async def start(self) -> None:
@@ -78,6 +94,7 @@ class RouterServer:
         self._server = self._build_grpc_server()
         self.grpc_port = _bind(self._server, config.listen)
         await self._server.start()
+        await self._start_http()
         self._spawn(self._transport.run(self._registry.receive), "worker socket")
         self._spawn(self._registry.run_heartbeats(), "heartbeats")
         self._spawn(self._follow_health(), "health")
@@ -87,6 +104,25 @@ class RouterServer:
             config.listen,
             self.zmq_endpoint,
         )
+
+    async def _start_http(self) -> None:
+        http = self._http_config
+        if http is None or http.listen is None:
+            return
+        front = Front(
+            scheduler=self._scheduler,
+            registry=self._registry,
+            metrics=self.metrics,
+            limits=self._limits,
+            config=http,
+            is_draining=lambda: self._draining,
+            model_name=self._model_name,
+            started_unix=int(time.time()),
+        )
+        self._http = HttpServer(front, http.listen, self._http_middlewares)
+        await self._http.start(STOP_GRACE_S)
+        self.http_port = self._http.port
+        log.info("serving the OpenAI-compatible HTTP front on port %d (%s)", self.http_port, http.listen)
 
     def snapshot(self) -> Snapshot:
         return self._scheduler.snapshot()
@@ -114,6 +150,8 @@ class RouterServer:
         self._stopped = True
         if self._server is not None:
             await self._server.stop(STOP_GRACE_S)
+        if self._http is not None:
+            await self._http.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -335,7 +335,10 @@ class WorkerService:
         else:
             cancel = threading.Event()
             self._current = _Generation(request_id, cancel, received_at=now, last_progress=now)
-            log.info("request %s: started (%d turns)", request_id, len(generate.history))
+            if generate.HasField("raw_prompt"):
+                log.info("request %s: started (raw prompt)", request_id)
+            else:
+                log.info("request %s: started (%d turns)", request_id, len(generate.history))
             self._generation.submit(Job(request_id, chat_request(generate), cancel))
 
     def _on_cancel(self, cancel: pb.Cancel) -> None:

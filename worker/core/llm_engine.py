@@ -164,6 +164,8 @@ class LLMEngine:
 
     def _fit_prompt(self, request: ChatRequest, max_new_tokens: int) -> list[int]:
         """The prompt's token ids, dropping the oldest turns until it leaves room for an answer."""
+        if request.raw_prompt is not None:
+            return self._raw_prompt(request.raw_prompt, max_new_tokens)
         history = request.history
         if not history or history[-1].role != USER:
             raise RequestError("the conversation must end with a user turn")
@@ -187,6 +189,17 @@ class LLMEngine:
                     + (f" (or its longest prompt, {longest} tokens)" if longest < self.context_size else "")
                 )
             history = _without_oldest_turn(history)
+
+    def _raw_prompt(self, text: str, max_new_tokens: int) -> list[int]:
+        """A raw prompt is continued as it is: nothing can be dropped to make it fit."""
+        prompt_ids = self._tokenizer.encode_prompt(text)
+        room = min(MIN_ANSWER_ROOM, max_new_tokens)
+        if len(prompt_ids) + room > self.context_size:
+            raise RequestError(
+                f"the prompt needs {len(prompt_ids)} tokens; with room for {room} new tokens that "
+                f"exceeds the model's context of {self.context_size} tokens"
+            )
+        return prompt_ids
 
     def _encode(self, system_message: str, history: tuple[Turn, ...]) -> list[int]:
         text = self._tokenizer.chat_template.render(system_message, history)

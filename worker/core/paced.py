@@ -90,9 +90,14 @@ class PacedEngine:
 
 
 def _last_turn(request: ChatRequest) -> str:
+    """The text the answer echoes and faults look at: the last user turn, or the raw prompt."""
+    if request.raw_prompt is not None:
+        return request.raw_prompt
     return request.history[-1].content if request.history else ""
 
 
 def estimate_prompt_tokens(request: ChatRequest) -> int:
+    if request.raw_prompt is not None:
+        return len(request.raw_prompt.encode()) // _BYTES_PER_TOKEN + 1
     texts = [request.system_message, *(turn.content for turn in request.history)]
     return sum(len(text.encode()) // _BYTES_PER_TOKEN + _TEMPLATE_TOKENS_PER_TURN for text in texts)
