@@ -20,7 +20,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from common.config import RouterConfig
+from common.config import RouterConfig, SecurityConfig
+from common.security import FrontSecurity, check_worker_link
 from protos import inference_pb2
 from router.metrics import PoolMetrics
 from router.scheduler import Scheduler, Snapshot
@@ -40,8 +41,12 @@ STOP_GRACE_S = 1.0
 
 
 class RouterServer:
-    def __init__(self, config: RouterConfig, limits: RequestLimits) -> None:
+    def __init__(
+        self, config: RouterConfig, limits: RequestLimits, security: SecurityConfig | None = None
+    ) -> None:
         self._config = config
+        self._security_config = security or SecurityConfig()
+        self._health_server: grpc.aio.Server | None = None
         self._limits = limits
         self._draining = False
         self._stopped = False
@@ -52,6 +57,7 @@ class RouterServer:
         self.metrics = PoolMetrics()
         self.metrics_port = 0  # the HTTP metrics endpoint's port; 0 = not served
         self.grpc_port = 0
+        self.health_port = 0  # the plain-text health-only port (health_listen); 0 = not served
         self.zmq_endpoint = ""
 
     async def start(self) -> None:
@@ -63,7 +69,9 @@ class RouterServer:
 
     async def _start(self) -> None:
         config = self._config
-        self._transport = Transport(config.zmq_bind)
+        check_worker_link(config.zmq_bind, self._security_config)
+        self.security = FrontSecurity.load(self._security_config)
+        self._transport = Transport(config.zmq_bind, self._security_config.curve)
         self.zmq_endpoint = self._transport.endpoint
         self._registry = WorkerRegistry(
             self._transport, config.heartbeat_interval_s, config.liveness, self.metrics
@@ -76,8 +84,13 @@ class RouterServer:
         self._health = health_aio.HealthServicer()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self._server = self._build_grpc_server()
-        self.grpc_port = _bind(self._server, config.listen)
+        self.grpc_port = _bind(self._server, config.listen, self.security)
         await self._server.start()
+        if config.health_listen is not None:
+            self._health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_server)
+            self.health_port = _bind(self._health_server, config.health_listen)
+            await self._health_server.start()
         self._spawn(self._transport.run(self._registry.receive), "worker socket")
         self._spawn(self._registry.run_heartbeats(), "heartbeats")
         self._spawn(self._follow_health(), "health")
@@ -87,6 +100,12 @@ class RouterServer:
             config.listen,
             self.zmq_endpoint,
         )
+
+    def reload_security(self) -> None:
+        """Re-read the TLS files, API keys and worker allowlist (SIGHUP)."""
+        self.security.reload()
+        if self._transport is not None and self._transport.curve is not None:
+            self._transport.curve.reload()
 
     def snapshot(self) -> Snapshot:
         return self._scheduler.snapshot()
@@ -114,6 +133,8 @@ class RouterServer:
         self._stopped = True
         if self._server is not None:
             await self._server.stop(STOP_GRACE_S)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -126,13 +147,14 @@ class RouterServer:
 
     def _build_grpc_server(self) -> grpc.aio.Server:
         server = grpc.aio.server(
+            interceptors=self.security.grpc_interceptors(),
             options=[
                 (
                     "grpc.max_receive_message_length",
                     self._limits.max_request_bytes + GRPC_MESSAGE_HEADROOM_BYTES,
                 ),
                 ("grpc.so_reuseport", 0),  # a second router on the same port must fail, not share it
-            ]
+            ],
         )
         servicer = InferenceServicer(self._scheduler, self._limits, lambda: self._draining, self.metrics)
         _add_inference_service(servicer, server)
@@ -190,9 +212,13 @@ def _add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server)
     server.add_registered_method_handlers(INFERENCE_SERVICE, handlers)
 
 
-def _bind(server: grpc.aio.Server, address: str) -> int:
+def _bind(server: grpc.aio.Server, address: str, security: FrontSecurity | None = None) -> int:
+    """`security`: TLS when it has a certificate; None = a plain-text port (health only)."""
     try:
-        port = server.add_insecure_port(address)
+        if security is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = security.add_port(server, address, "gRPC")
     except RuntimeError as error:
         raise OSError(f"cannot listen for gRPC on {address}: {error}") from error
     if port == 0:
