@@ -139,7 +139,8 @@ def _warn_if_readable_by_others(path: str, what: str) -> None:
         mode = Path(path).stat().st_mode
     except OSError:
         return  # the read that follows reports it
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+    # Group access is allowed: Kubernetes mounts secrets for a non-root pod through its fsGroup.
+    if mode & stat.S_IRWXO:
         log.warning("the %s %s can be read by other users (mode %o): chmod 600 it", what, path, mode & 0o777)
 
 

@@ -2,7 +2,9 @@
 
 RouterServer owns the pieces and their lifetimes. Health (`grpc.health.v1`, for the overall
 server "" and for "InferenceService") is SERVING while at least one worker is registered and
-NOT_SERVING with none or once draining has begun. Reflection lists the inference, health and
+NOT_SERVING with none or once draining has begun; "liveness" is SERVING while the process runs.
+health_listen adds a plain-text port with the health service alone, for probes that cannot speak
+TLS. TLS, API keys and CURVE come from common/security.py. Reflection lists the inference, health and
 reflection services, so grpcurl can discover and call them. Prometheus metrics (router/metrics.py)
 are collected always and served over HTTP on metrics_listen when it is set.
 """
@@ -33,6 +35,9 @@ from router.workers import WorkerRegistry
 log = logging.getLogger(__name__)
 
 INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+# A health "service" SERVING while the process runs, workers or not: a liveness probe checks it
+# (the overall status is NOT_SERVING without workers, which must not get the router restarted).
+LIVENESS_SERVICE = "liveness"
 # The gRPC layer's own size limit sits a little above max_request_bytes: requests between the two
 # reach validation and get a clear INVALID_ARGUMENT, anything bigger is cut off by gRPC itself.
 GRPC_MESSAGE_HEADROOM_BYTES = 64 << 10
@@ -83,6 +88,7 @@ class RouterServer:
             log.info("serving Prometheus metrics on %s", config.metrics_listen)
         self._health = health_aio.HealthServicer()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         self._server = self._build_grpc_server()
         self.grpc_port = _bind(self._server, config.listen, self.security)
         await self._server.start()

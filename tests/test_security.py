@@ -35,7 +35,7 @@ from common.security import (
     warn_if_plaintext,
 )
 from protos import inference_pb2_grpc
-from router.server import RouterServer
+from router.server import LIVENESS_SERVICE, RouterServer
 from router.validation import RequestLimits
 from tests.router_harness import (
     EmulatedWorker,
@@ -312,7 +312,10 @@ async def test_health_needs_a_key_when_not_open_and_the_plain_health_port_serves
         # The probe port: plain text, health only (what Kubernetes' gRPC probe can reach).
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.health_port}") as plain:
             probe = await health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest())
-            assert probe.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert probe.status == health_pb2.HealthCheckResponse.NOT_SERVING  # no worker: not ready
+            alive = health_pb2.HealthCheckRequest(service=LIVENESS_SERVICE)
+            probe = await health_pb2_grpc.HealthStub(plain).Check(alive)
+            assert probe.status == health_pb2.HealthCheckResponse.SERVING  # but alive: no restart
             stub = inference_pb2_grpc.InferenceServiceStub(plain)
             await expect_status(stub.Complete(request("x")), grpc.StatusCode.UNIMPLEMENTED)
     finally:
