@@ -39,6 +39,7 @@ import grpc
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils.monitor import parse_monitor_message
 
 from common.config import CurveConfig, SecurityConfig, TlsConfig
 
@@ -52,6 +53,7 @@ REFUSAL_LOG_INTERVAL_S = 10.0  # refusals are logged at most once per interval (
 GRPC_HEALTH_METHODS = ("/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch")
 HTTP_OPEN_PATHS = ("/health",)
 _BEARER = "bearer "
+_WATCH_JOIN_S = 2.0
 _CURVE_DOMAIN = "*"  # the authenticator's default domain: every CURVE socket in the process
 
 
@@ -536,12 +538,42 @@ class _AddressNotingAuthenticator(ThreadAuthenticator):
         await super().handle_zap_message(msg)
 
 
+_HANDSHAKE_FAILURES = {
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "not a CURVE handshake",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "no CURVE handshake completed",
+}
+
+
+class _HandshakeFailureWatch(threading.Thread):
+    """Logs (rate-limited) peers that fail the handshake before the allowlist is even asked: not
+    speaking CURVE, or expecting another router's key. libzmq's monitor events carry no peer address."""
+
+    def __init__(self, socket: zmq.Socket) -> None:
+        super().__init__(name="curve-handshake-watch", daemon=True)
+        self._monitor = socket.get_monitor_socket(sum(_HANDSHAKE_FAILURES) | zmq.EVENT_MONITOR_STOPPED)
+        self._refusals = RateLimitedWarning()
+
+    def run(self) -> None:
+        try:
+            while True:
+                event = parse_monitor_message(self._monitor.recv_multipart())
+                if event["event"] == zmq.EVENT_MONITOR_STOPPED:
+                    return
+                if event["event"] in _HANDSHAKE_FAILURES:
+                    self._refusals("refused a worker connection: %s", _HANDSHAKE_FAILURES[event["event"]])
+        except zmq.ContextTerminated:
+            pass
+        finally:
+            self._monitor.close(linger=0)
+
+
 class CurveServer:
     """The router side: its keypair, the allowlist and the authenticator thread for one context."""
 
     def __init__(self, config: CurveConfig, context: zmq.Context) -> None:
         self._keypair = load_keypair(config.router_secret_key)
         self.allowlist = WorkerAllowlist(config.allowed_workers_dir)
+        self._watch: _HandshakeFailureWatch | None = None
         self._authenticator = _AddressNotingAuthenticator(context, self.allowlist)
         self._authenticator.start()
         self._authenticator.configure_curve_callback(_CURVE_DOMAIN, credentials_provider=self.allowlist)
@@ -553,12 +585,17 @@ class CurveServer:
         socket.curve_publickey = self._keypair.public
         socket.curve_server = True
         socket.zap_domain = _CURVE_DOMAIN.encode()
+        self._watch = _HandshakeFailureWatch(socket)
+        self._watch.start()
 
     def reload(self) -> None:
         self.allowlist.reload()
 
     def stop(self) -> None:
+        """After the socket is closed (which ends the watch), before the context is terminated."""
         self._authenticator.stop()
+        if self._watch is not None:
+            self._watch.join(timeout=_WATCH_JOIN_S)
 
 
 class CurveClient:

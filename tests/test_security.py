@@ -433,7 +433,8 @@ async def test_curve_an_unknown_key_is_refused_at_the_handshake_and_logged(curve
 
 
 @async_test
-async def test_curve_a_plain_peer_is_refused(curve_keys):
+async def test_curve_a_plain_peer_is_refused_and_logged(curve_keys, caplog):
+    caplog.set_level(logging.WARNING, "security")
     async with secured_router(SecurityConfig(curve=curve_keys)) as server:
         plain = EmulatedWorker(server.zmq_endpoint, "plain")
         monitor = plain.socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
@@ -442,6 +443,9 @@ async def test_curve_a_plain_peer_is_refused(curve_keys):
             event = parse_monitor_message(await monitor.recv_multipart())
             assert event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
             assert registered(server) == 0 and plain.inbox == {}
+            await eventually(
+                lambda: "refused a worker connection: not a CURVE" in caplog.text, "the refusal logged"
+            )
         finally:
             monitor.close()
             await plain.close()
