@@ -3,8 +3,10 @@ TLS and API keys, the worker socket with CURVE) and with the real key generation
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import os
 import stat
 import subprocess
 import sys
@@ -281,6 +283,22 @@ async def test_tls_and_api_key_right_key_streams_wrong_or_no_key_is_unauthentica
         unary = stub.Complete(request("x"), metadata=bearer(WRONG_KEY))
         await expect_status(unary, grpc.StatusCode.UNAUTHENTICATED)
         assert server.snapshot().open_calls == 0  # no refused call reached the scheduler
+
+
+@async_test
+async def test_chat_script_calls_a_tls_front_with_the_key_from_its_environment(tmp_path):
+    files = make_tls(tmp_path)
+    keys = write_api_keys(tmp_path / "keys", GOOD_KEY)
+    security = SecurityConfig(tls=tls_config(files), api_keys_file=str(keys))
+    async with secured_router(security) as server, workers(server.zmq_endpoint, "w1") as (worker,):
+        chat = await asyncio.create_subprocess_exec(
+            sys.executable, str(KEYGEN.parent / "chat.py"), "hi", "--addr", f"localhost:{server.grpc_port}",
+            "--ca", str(files.ca_cert), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "BM_POOL_API_KEY": GOOD_KEY},
+        )  # fmt: skip
+        await worker.serve(await worker.next_generate(), ["he", "llo"])
+        out, _ = await chat.communicate()
+        assert chat.returncode == 0 and out.decode().strip() == "hello"
 
 
 @async_test
