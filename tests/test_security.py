@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -39,6 +40,7 @@ from common.security import (
 from protos import inference_pb2_grpc
 from router.server import LIVENESS_SERVICE, RouterServer
 from router.validation import RequestLimits
+from tests.harness import WAIT_S, inference_stub, start_pool, write_config
 from tests.router_harness import (
     EmulatedWorker,
     async_test,
@@ -517,3 +519,22 @@ def test_keygen_api_key_is_long_and_accepted(tmp_path):
     key = made.stdout.strip()
     assert len(key) >= 40 and fingerprint(key) in made.stderr
     assert ApiKeys(str(write_api_keys(tmp_path / "keys", key))).allows(key)
+
+
+# ---- reload through the processes
+
+
+def test_sighup_to_the_supervisor_reloads_the_routers_api_keys(procs, tmp_path):
+    keys = write_api_keys(tmp_path / "keys", GOOD_KEY)
+    config = write_config(tmp_path, {"workers": {"devices": [0]}, "security": {"api_keys_file": str(keys)}})
+    pool = start_pool(procs, config)  # health is open: the pool comes up without a key
+    stub = inference_stub(pool.channel)
+    assert stub.Complete(request("x"), metadata=bearer(GOOD_KEY), timeout=WAIT_S).finished
+    write_api_keys(keys, OTHER_KEY)
+    pool.supervisor.signal(signal.SIGHUP)
+    pool.supervisor.wait_for_log(f"API keys loaded from {keys}: {fingerprint(OTHER_KEY)}")
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.Complete(request("x"), metadata=bearer(GOOD_KEY), timeout=WAIT_S)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert stub.Complete(request("x"), metadata=bearer(OTHER_KEY), timeout=WAIT_S).finished
+    assert GOOD_KEY not in pool.supervisor.log() and OTHER_KEY not in pool.supervisor.log()
