@@ -289,6 +289,8 @@ class SecurityConfig:
 
     tls: TlsConfig = field(default_factory=TlsConfig)
     api_keys_file: str | None = None  # one key per line; set = every call needs `authorization: Bearer`
+    # Keys for the admin API alone (clients' keys then cannot cordon or drain); null = api_keys_file's.
+    admin_api_keys_file: str | None = None
     open_health: bool = True  # health checks need no key (probes cannot send one)
     curve: CurveConfig = field(default_factory=CurveConfig)
     # Only with this may the worker link run without CURVE on a non-loopback address.
@@ -300,6 +302,12 @@ class SecurityConfig:
             "api_keys_file",
             "must not be empty (null = no keys)",
             self.api_keys_file,
+        )
+        _require(
+            self.admin_api_keys_file is None or bool(self.admin_api_keys_file.strip()),
+            "admin_api_keys_file",
+            "must not be empty (null = the api_keys_file keys)",
+            self.admin_api_keys_file,
         )
 
 

@@ -402,19 +402,28 @@ class FrontSecurity:
     config: SecurityConfig
     tls: TlsFiles | None
     keys: ApiKeys | None
+    admin_keys: ApiKeys | None  # the admin API's own keys; None = `keys`
 
     @classmethod
     def load(cls, config: SecurityConfig) -> FrontSecurity:
         tls = TlsFiles(config.tls) if config.tls.enabled else None
         keys = ApiKeys(config.api_keys_file) if config.api_keys_file else None
-        return cls(config, tls, keys)
+        admin_keys = ApiKeys(config.admin_api_keys_file) if config.admin_api_keys_file else None
+        return cls(config, tls, keys, admin_keys)
 
     def grpc_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         """For `grpc.aio.server(interceptors=...)`: the key check when keys are configured."""
-        if self.keys is None:
+        return self._interceptors(self.keys)
+
+    def admin_grpc_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        """The same for the admin server, with the admin keys when they are configured."""
+        return self._interceptors(self.admin_keys or self.keys)
+
+    def _interceptors(self, keys: ApiKeys | None) -> list[grpc.aio.ServerInterceptor]:
+        if keys is None:
             return []
         opened = GRPC_HEALTH_METHODS if self.config.open_health else ()
-        return [ApiKeyInterceptor(self.keys, opened)]
+        return [ApiKeyInterceptor(keys, opened)]
 
     def add_port(self, server: grpc.aio.Server, address: str, front: str) -> int:
         """Bind `address` with TLS when configured (plain text otherwise, with a warning off
@@ -435,10 +444,9 @@ class FrontSecurity:
         return [api_key_middleware(self.keys, open_paths if self.config.open_health else ())]
 
     def reload(self) -> None:
-        if self.tls is not None:
-            self.tls.reload()
-        if self.keys is not None:
-            self.keys.reload()
+        for reloadable in (self.tls, self.keys, self.admin_keys):
+            if reloadable is not None:
+                reloadable.reload()
 
 
 # ---- CURVE
@@ -538,9 +546,9 @@ class _AddressNotingAuthenticator(ThreadAuthenticator):
         await super().handle_zap_message(msg)
 
 
-_HANDSHAKE_FAILURES = {
-    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "not a CURVE handshake",
-    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "no CURVE handshake completed",
+_HANDSHAKE_FAILURES = {  # which of the two a plain-text peer causes on the router's side varies
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "it failed the CURVE handshake (a protocol error)",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "it failed the CURVE handshake (no detail from libzmq)",
 }
 
 

@@ -20,6 +20,7 @@ import pytest
 import zmq
 import zmq.auth
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 from zmq.utils.monitor import parse_monitor_message
 
 from common.config import CurveConfig, SecurityConfig, TlsConfig
@@ -27,6 +28,7 @@ from common.security import (
     KEY_NEEDED_MESSAGE,
     ApiKeys,
     CurveClient,
+    FrontSecurity,
     RateLimitedWarning,
     SecurityError,
     TlsFiles,
@@ -376,6 +378,34 @@ async def test_reload_rotates_api_keys_and_the_certificate(tmp_path):
             await expect_status(call, grpc.StatusCode.UNAUTHENTICATED)
 
 
+@async_test
+async def test_an_admin_server_takes_its_own_keys(tmp_path):
+    """What router/admin.py's server gets: admin keys apart from the clients' keys."""
+    security = FrontSecurity.load(
+        SecurityConfig(
+            api_keys_file=str(write_api_keys(tmp_path / "keys", GOOD_KEY)),
+            admin_api_keys_file=str(write_api_keys(tmp_path / "admin_keys", OTHER_KEY)),
+            open_health=False,
+        )
+    )
+    admin = grpc.aio.server(interceptors=security.admin_grpc_interceptors())
+    health_pb2_grpc.add_HealthServicer_to_server(
+        health_aio.HealthServicer(), admin
+    )  # any service stands for the admin one
+    port = security.add_port(admin, "127.0.0.1:0", "admin")
+    await admin.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            check = health_pb2_grpc.HealthStub(channel).Check
+            await expect_status(
+                check(health_pb2.HealthCheckRequest(), metadata=bearer(GOOD_KEY)),
+                grpc.StatusCode.UNAUTHENTICATED,
+            )
+            await check(health_pb2.HealthCheckRequest(), metadata=bearer(OTHER_KEY))
+    finally:
+        await admin.stop(0)
+
+
 # ---- CURVE on the worker socket (loopback)
 
 
@@ -464,7 +494,8 @@ async def test_curve_a_plain_peer_is_refused_and_logged(curve_keys, caplog):
             assert event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
             assert registered(server) == 0 and plain.inbox == {}
             await eventually(
-                lambda: "refused a worker connection: not a CURVE" in caplog.text, "the refusal logged"
+                lambda: "refused a worker connection: it failed the CURVE handshake" in caplog.text,
+                "the refusal logged",
             )
         finally:
             monitor.close()
