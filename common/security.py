@@ -165,7 +165,7 @@ class TlsFiles:
         self._config = tls
         self._lock = threading.Lock()
         self._material = self._load()
-        self._fresh_for_grpc = False  # a reload grpc has not picked up yet
+        self._generation = 0  # reloads so far: each gRPC server's credentials follow it on their own
         self._contexts: list[ssl.SSLContext] = []
 
     @property
@@ -180,7 +180,8 @@ class TlsFiles:
             log.error("TLS reload failed, keeping the current certificate: %s", error)
             return False
         with self._lock:
-            self._material, self._fresh_for_grpc = material, True
+            self._material = material
+            self._generation += 1
             for context in self._contexts:
                 self._load_into(context, material)
         log.info("TLS certificate reloaded from %s", self._config.cert_file)
@@ -188,10 +189,20 @@ class TlsFiles:
 
     def grpc_server_credentials(self) -> grpc.ServerCredentials:
         """For `server.add_secure_port(address, credentials)`; follows reload() on new handshakes."""
+        with self._lock:
+            material, seen = self._material, self._generation
+
+        def config_if_reloaded() -> grpc.ServerCertificateConfiguration | None:
+            """gRPC asks before each handshake (in its own thread); None = keep the current one."""
+            nonlocal seen
+            with self._lock:
+                if seen == self._generation:
+                    return None
+                seen = self._generation
+                return self._grpc_config(self._material)
+
         return grpc.dynamic_ssl_server_credentials(
-            self._grpc_config(self._material),
-            self._grpc_config_if_reloaded,
-            require_client_authentication=self.mutual,
+            self._grpc_config(material), config_if_reloaded, require_client_authentication=self.mutual
         )
 
     def ssl_context(self) -> ssl.SSLContext:
@@ -233,14 +244,6 @@ class TlsFiles:
         return grpc.ssl_server_certificate_configuration(
             [(material.private_key, material.cert_chain)], root_certificates=material.client_ca
         )
-
-    def _grpc_config_if_reloaded(self) -> grpc.ServerCertificateConfiguration | None:
-        """gRPC asks before each handshake (in its own thread); None = keep the current one."""
-        with self._lock:
-            if not self._fresh_for_grpc:
-                return None
-            self._fresh_for_grpc = False
-            return self._grpc_config(self._material)
 
 
 # ---- API keys

@@ -406,6 +406,31 @@ async def test_an_admin_server_takes_its_own_keys(tmp_path):
         await admin.stop(0)
 
 
+@async_test
+async def test_a_reloaded_certificate_reaches_every_server_that_shares_it(tmp_path):
+    """The gRPC front and the admin server share one TlsFiles: a reload must reach both."""
+    files = make_tls(tmp_path / "old")
+    security = FrontSecurity.load(SecurityConfig(tls=tls_config(files)))
+    servers = [grpc.aio.server() for _ in range(2)]
+    ports = []
+    for server in servers:
+        health_pb2_grpc.add_HealthServicer_to_server(health_aio.HealthServicer(), server)
+        ports.append(security.add_port(server, "127.0.0.1:0", "test"))
+        await server.start()
+    try:
+        renewed = make_tls(tmp_path / "new")
+        files.server_cert.write_bytes(renewed.server_cert.read_bytes())
+        files.server_key.write_bytes(renewed.server_key.read_bytes())
+        security.reload()
+        for port in ports:
+            credentials = grpc.ssl_channel_credentials(renewed.ca_bytes())
+            async with grpc.aio.secure_channel(f"localhost:{port}", credentials) as channel:
+                await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    finally:
+        for server in servers:
+            await server.stop(0)
+
+
 # ---- CURVE on the worker socket (loopback)
 
 
