@@ -1,33 +1,35 @@
 """What TLS (with an API key) and CURVE cost per token: added latency at 64 streams, side by side.
 
 Four pools of paced workers at chip pace (10 tokens/s, first token after 0.7 s, one worker per
-stream), each a real router and real workers on loopback (bench.pool), measured one after another
-in one run and then again in the reverse order (drift on a shared machine shows as a difference
-between the two rounds):
+stream), each a real router with real workers on loopback (bench.pool), all up at once:
 
 - plain: no TLS, no key, no CURVE (the loopback default);
-- tls+key: the client talks TLS 1.3 to the gRPC front and sends an API key with every call;
+- tls+key: the client talks TLS to the gRPC front and sends an API key with every call;
 - curve: the worker link is CURVE-encrypted and authenticated;
 - tls+key+curve: both, as a multi-host deployment runs.
 
-Added latency per frame = client receive time - Completion.create_time (stamped by the router as it
-relays the worker's chunk); CURVE sits before that stamp (worker -> router), so its cost shows in
-the router's CPU, and in latency only when that CPU saturates; TLS sits after it (router -> client).
-The router is pinned to one core, the client and the workers to the others (as in
-bench.router_overhead).
+The client drives one pool at a time for a short window and moves on, cycling through the four in
+a rotated order, so that whatever else loads the machine falls on every variant alike. Added
+latency per frame = client receive time - Completion.create_time (stamped by the router as it
+relays the worker's chunk). CURVE sits before that stamp (worker -> router), so it shows in the
+router's CPU, and in latency only as that CPU delays other frames; TLS sits after it. The router
+is pinned to one core, the client and the workers to the others (as in bench.router_overhead).
 
-    python -m bench.security_cost [--streams 64] [--seconds 15] [--rounds 2] [--json PATH]
+    python -m bench.security_cost [--streams 64] [--seconds 8] [--cycles 4] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -40,7 +42,7 @@ from bench.stats import percentile
 
 VARIANTS = ("plain", "tls+key", "curve", "tls+key+curve")
 API_KEY = "bench-" + "k" * 40
-WARMUP_S = 3.0  # past the first token of every stream
+WARMUP_S = 1.0  # each window's streams start within it (connections are made before it)
 REPO = Path(__file__).resolve().parents[1]
 Keys = tuple[dict, dict, grpc.ChannelCredentials]  # TLS + key section, CURVE section, client credentials
 
@@ -74,10 +76,21 @@ def make_keys(folder: Path) -> Keys:
     return front, curve, grpc.ssl_channel_credentials(ca.cert_pem.bytes())
 
 
-async def measure(variant: str, keys: Keys, streams: int, seconds: float, scratch: Path) -> dict:
+@dataclass
+class Variant:
+    name: str
+    pool: PacedPool
+    call: dict  # run_load's credentials and metadata
+    delays_ms: list[float] = field(default_factory=list)
+    router_cpu_s: float = 0.0
+    seconds: float = 0.0
+    statuses: dict[str, int] = field(default_factory=dict)
+
+
+def pool_spec(name: str, keys: Keys, streams: int) -> tuple[PoolSpec, dict]:
     front, curve, credentials = keys
-    tls = "tls" in variant
-    security = {**(front if tls else {}), **({"curve": curve} if "curve" in variant else {})}
+    tls = "tls" in name
+    security = {**(front if tls else {}), **({"curve": curve} if "curve" in name else {})}
     router_cpus, other_cpus = split_cpus()
     spec = PoolSpec(
         workers=streams,
@@ -87,6 +100,12 @@ async def measure(variant: str, keys: Keys, streams: int, seconds: float, scratc
         security=security or None,
         client_credentials=credentials if tls else None,
     )
+    call = {"credentials": credentials, "metadata": (("authorization", f"Bearer {API_KEY}"),)} if tls else {}
+    return spec, call
+
+
+async def window(variant: Variant, streams: int, seconds: float) -> None:
+    """One measured window on one pool: fresh streams, frames counted after the warm-up."""
     load = LoadSpec(
         concurrency=streams,
         duration_s=seconds + WARMUP_S,
@@ -94,50 +113,66 @@ async def measure(variant: str, keys: Keys, streams: int, seconds: float, scratc
         channels=-(-streams // STREAMS_PER_CONNECTION),
         ramp_s=CHIP_TOKEN_PERIOD_S,
     )
-    call = {"credentials": credentials, "metadata": (("authorization", f"Bearer {API_KEY}"),)} if tls else {}
-    with PacedPool(spec, scratch) as pool, pinned_to(other_cpus):
-        meter = CpuMeter(pool.router_process())
-        run = await run_load(pool.addr, load, BUILTIN_PROMPTS, **call)
-        router_cpu = meter.utilisation()
+    meter = CpuMeter(variant.pool.router_process())
+    run = await run_load(variant.pool.addr, load, BUILTIN_PROMPTS, **variant.call)
+    variant.router_cpu_s += meter.seconds()
+    variant.seconds += seconds + WARMUP_S
     warm_ns = run.started_ns + int(WARMUP_S * 1e9)
-    delays_ms = [
+    variant.delays_ms.extend(
         (recv - created) / 1e6
         for record in run.records
         for recv, created in zip(record.recv_ns, record.create_ns, strict=True)
         if recv >= warm_ns
-    ]
-    report = run.report()
-    return {
-        "variant": variant,
-        "streams": streams,
-        "frames_measured": len(delays_ms),
-        "added_latency_ms": {"p50": percentile(delays_ms, 50), "p99": percentile(delays_ms, 99)},
-        "router_cpu_utilisation": router_cpu,
-        "requests_by_status": report.by_status,
-    }
+    )
+    for status, count in run.report().by_status.items():
+        variant.statuses[status] = variant.statuses.get(status, 0) + count
+    await variant.pool.wait_until_idle()
 
 
-async def run(streams: int, seconds: float, rounds: int) -> list[dict]:
-    results = []
-    with tempfile.TemporaryDirectory(prefix="bm-security-bench-") as scratch:
+async def run(streams: int, seconds: float, cycles: int) -> list[dict]:
+    """All four pools up at once; windows interleaved, each cycle in a rotated order, so that the
+    machine's load at any moment falls on every variant alike."""
+    with tempfile.TemporaryDirectory(prefix="bm-security-bench-") as scratch, contextlib.ExitStack() as stack:
         keys = make_keys(Path(scratch) / "keys")
-        for round_number in range(rounds):
-            order = VARIANTS if round_number % 2 == 0 else tuple(reversed(VARIANTS))
-            for variant in order:
-                folder = Path(scratch) / f"{round_number}-{variant.replace('+', '-')}"
-                result = await measure(variant, keys, streams, seconds, folder)
-                result["round"] = round_number + 1
-                print(_row(result), flush=True)
-                results.append(result)
+        variants = []
+        for name in VARIANTS:
+            spec, call = pool_spec(name, keys, streams)
+            pool = stack.enter_context(PacedPool(spec, Path(scratch) / name.replace("+", "-")))
+            variants.append(Variant(name, pool, call))
+        load_before = os.getloadavg()
+        with pinned_to(split_cpus()[1]):
+            for cycle in range(cycles):
+                for variant in variants[cycle % len(variants) :] + variants[: cycle % len(variants)]:
+                    await window(variant, streams, seconds)
+        load_after = os.getloadavg()
+    results = [summary(variant, streams, load_before, load_after) for variant in variants]
+    for result in results:
+        print(_row(result), flush=True)
     return results
+
+
+def summary(variant: Variant, streams: int, load_before: tuple, load_after: tuple) -> dict:
+    return {
+        "variant": variant.name,
+        "streams": streams,
+        "frames_measured": len(variant.delays_ms),
+        "added_latency_ms": {
+            "p50": percentile(variant.delays_ms, 50),
+            "p90": percentile(variant.delays_ms, 90),
+            "p99": percentile(variant.delays_ms, 99),
+        },
+        "router_cpu_utilisation": variant.router_cpu_s / variant.seconds,
+        "requests_by_status": variant.statuses,
+        "load_average_1m_before_after": [load_before[0], load_after[0]],
+    }
 
 
 def _row(result: dict) -> str:
     latency = result["added_latency_ms"]
     return (
-        f"round {result['round']}  {result['variant']:<14} p50 {latency['p50']:7.2f} ms  "
-        f"p99 {latency['p99']:7.2f} ms  router CPU {result['router_cpu_utilisation']:5.1%}  "
-        f"frames {result['frames_measured']}  {result['requests_by_status']}"
+        f"{result['variant']:<14} added latency p50 {latency['p50']:6.2f} ms  p90 {latency['p90']:6.2f} ms  "
+        f"p99 {latency['p99']:6.2f} ms  router CPU {result['router_cpu_utilisation']:5.1%}  "
+        f"frames {result['frames_measured']}"
     )
 
 
@@ -146,11 +181,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m bench.security_cost", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--streams", type=int, default=64)
-    parser.add_argument("--seconds", type=float, default=15.0, help="measured window per variant and round")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=8.0, help="measured part of one window")
+    parser.add_argument("--cycles", type=int, default=4, help="windows per variant, interleaved")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
-    results = asyncio.run(run(args.streams, args.seconds, args.rounds))
+    results = asyncio.run(run(args.streams, args.seconds, args.cycles))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))
