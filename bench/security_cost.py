@@ -12,8 +12,10 @@ The client drives one pool at a time for a short window and moves on, cycling th
 a rotated order, so that whatever else loads the machine falls on every variant alike. Added
 latency per frame = client receive time - Completion.create_time (stamped by the router as it
 relays the worker's chunk). CURVE sits before that stamp (worker -> router), so it shows in the
-router's CPU, and in latency only as that CPU delays other frames; TLS sits after it. The router
-is pinned to one core, the client and the workers to the others (as in bench.router_overhead).
+router's CPU, and in latency only as that CPU delays other frames; TLS sits after it. A second
+phase, relay, runs 4 workers at 500 tokens/s (the client follows frame by frame) to show the
+router's CPU per frame, where encryption's cost stands out of the noise. The router is pinned to
+one core, the client and the workers to the others (as in bench.router_overhead).
 
     python -m bench.security_cost [--streams 64] [--seconds 8] [--cycles 4] [--json PATH]
 """
@@ -37,11 +39,25 @@ import trustme
 
 from bench.loadgen import BUILTIN_PROMPTS, LoadSpec, run_load
 from bench.pool import PacedPool, PoolSpec, split_cpus
-from bench.router_overhead import CHIP_PACE, CHIP_TOKEN_PERIOD_S, STREAMS_PER_CONNECTION, CpuMeter, pinned_to
+from bench.router_overhead import (
+    CHIP_PACE,
+    CHIP_TOKEN_PERIOD_S,
+    RELAY_PACED_TOKENS_PER_SECOND,
+    RELAY_TOKENS_PER_REQUEST,
+    STREAMS_PER_CONNECTION,
+    CpuMeter,
+    pinned_to,
+)
 from bench.stats import percentile
+from common.config import PacedConfig
 
 VARIANTS = ("plain", "tls+key", "curve", "tls+key+curve")
 API_KEY = "bench-" + "k" * 40
+# Relay: a few workers far faster than a chip, at a pace the client follows frame by frame: the
+# router's CPU per frame with and without encryption shows clearly (bench.router_overhead's pace).
+RELAY_PACE = PacedConfig(tokens_per_second=RELAY_PACED_TOKENS_PER_SECOND, first_token_delay_s=0.0,
+                         tokens_per_request=RELAY_TOKENS_PER_REQUEST)  # fmt: skip
+RELAY_STREAMS = 4
 WARMUP_S = 1.0  # each window's streams start within it (connections are made before it)
 REPO = Path(__file__).resolve().parents[1]
 Keys = tuple[dict, dict, grpc.ChannelCredentials]  # TLS + key section, CURVE section, client credentials
@@ -82,19 +98,27 @@ class Variant:
     pool: PacedPool
     call: dict  # run_load's credentials and metadata
     delays_ms: list[float] = field(default_factory=list)
+    frames: int = 0  # every frame the client received, warm-up included (as the CPU time is)
     router_cpu_s: float = 0.0
     seconds: float = 0.0
     statuses: dict[str, int] = field(default_factory=dict)
 
 
-def pool_spec(name: str, keys: Keys, streams: int) -> tuple[PoolSpec, dict]:
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    paced: PacedConfig
+    streams: int  # one worker per stream
+
+
+def pool_spec(name: str, keys: Keys, phase: Phase) -> tuple[PoolSpec, dict]:
     front, curve, credentials = keys
     tls = "tls" in name
     security = {**(front if tls else {}), **({"curve": curve} if "curve" in name else {})}
     router_cpus, other_cpus = split_cpus()
     spec = PoolSpec(
-        workers=streams,
-        paced=CHIP_PACE,
+        workers=phase.streams,
+        paced=phase.paced,
         router_cpus=router_cpus,
         worker_cpus=other_cpus,
         security=security or None,
@@ -105,7 +129,7 @@ def pool_spec(name: str, keys: Keys, streams: int) -> tuple[PoolSpec, dict]:
 
 
 async def window(variant: Variant, streams: int, seconds: float) -> None:
-    """One measured window on one pool: fresh streams, frames counted after the warm-up."""
+    """One measured window on one pool: fresh streams, latency counted after the warm-up."""
     load = LoadSpec(
         concurrency=streams,
         duration_s=seconds + WARMUP_S,
@@ -124,37 +148,49 @@ async def window(variant: Variant, streams: int, seconds: float) -> None:
         for recv, created in zip(record.recv_ns, record.create_ns, strict=True)
         if recv >= warm_ns
     )
+    variant.frames += sum(len(record.recv_ns) for record in run.records)
     for status, count in run.report().by_status.items():
         variant.statuses[status] = variant.statuses.get(status, 0) + count
     await variant.pool.wait_until_idle()
 
 
-async def run(streams: int, seconds: float, cycles: int) -> list[dict]:
+async def run_phase(phase: Phase, keys: Keys, seconds: float, cycles: int, scratch: Path) -> list[dict]:
     """All four pools up at once; windows interleaved, each cycle in a rotated order, so that the
     machine's load at any moment falls on every variant alike."""
-    with tempfile.TemporaryDirectory(prefix="bm-security-bench-") as scratch, contextlib.ExitStack() as stack:
-        keys = make_keys(Path(scratch) / "keys")
+    with contextlib.ExitStack() as stack:
         variants = []
         for name in VARIANTS:
-            spec, call = pool_spec(name, keys, streams)
-            pool = stack.enter_context(PacedPool(spec, Path(scratch) / name.replace("+", "-")))
-            variants.append(Variant(name, pool, call))
+            spec, call = pool_spec(name, keys, phase)
+            folder = scratch / f"{phase.name}-{name.replace('+', '-')}"
+            variants.append(Variant(name, stack.enter_context(PacedPool(spec, folder)), call))
         load_before = os.getloadavg()
         with pinned_to(split_cpus()[1]):
             for cycle in range(cycles):
                 for variant in variants[cycle % len(variants) :] + variants[: cycle % len(variants)]:
-                    await window(variant, streams, seconds)
+                    await window(variant, phase.streams, seconds)
         load_after = os.getloadavg()
-    results = [summary(variant, streams, load_before, load_after) for variant in variants]
+    results = [summary(phase, variant, load_before, load_after) for variant in variants]
     for result in results:
         print(_row(result), flush=True)
     return results
 
 
-def summary(variant: Variant, streams: int, load_before: tuple, load_after: tuple) -> dict:
+async def run(streams: int, seconds: float, cycles: int) -> list[dict]:
+    phases = (Phase("latency", CHIP_PACE, streams), Phase("relay", RELAY_PACE, RELAY_STREAMS))
+    with tempfile.TemporaryDirectory(prefix="bm-security-bench-") as scratch:
+        keys = make_keys(Path(scratch) / "keys")
+        results = []
+        for phase in phases:
+            results += await run_phase(phase, keys, seconds, cycles, Path(scratch))
+        return results
+
+
+def summary(phase: Phase, variant: Variant, load_before: tuple, load_after: tuple) -> dict:
     return {
+        "phase": phase.name,
         "variant": variant.name,
-        "streams": streams,
+        "streams": phase.streams,
+        "tokens_per_second_per_worker": phase.paced.tokens_per_second,
         "frames_measured": len(variant.delays_ms),
         "added_latency_ms": {
             "p50": percentile(variant.delays_ms, 50),
@@ -162,6 +198,7 @@ def summary(variant: Variant, streams: int, load_before: tuple, load_after: tupl
             "p99": percentile(variant.delays_ms, 99),
         },
         "router_cpu_utilisation": variant.router_cpu_s / variant.seconds,
+        "router_cpu_us_per_frame": variant.router_cpu_s / max(variant.frames, 1) * 1e6,
         "requests_by_status": variant.statuses,
         "load_average_1m_before_after": [load_before[0], load_after[0]],
     }
@@ -170,8 +207,10 @@ def summary(variant: Variant, streams: int, load_before: tuple, load_after: tupl
 def _row(result: dict) -> str:
     latency = result["added_latency_ms"]
     return (
-        f"{result['variant']:<14} added latency p50 {latency['p50']:6.2f} ms  p90 {latency['p90']:6.2f} ms  "
-        f"p99 {latency['p99']:6.2f} ms  router CPU {result['router_cpu_utilisation']:5.1%}  "
+        f"{result['phase']:<8} {result['variant']:<14} added latency p50 {latency['p50']:6.2f} ms  "
+        f"p90 {latency['p90']:6.2f} ms  p99 {latency['p99']:6.2f} ms  "
+        f"router CPU {result['router_cpu_utilisation']:5.1%}, "
+        f"{result['router_cpu_us_per_frame']:5.0f} us/frame  "
         f"frames {result['frames_measured']}"
     )
 
