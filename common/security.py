@@ -55,6 +55,15 @@ HTTP_OPEN_PATHS = ("/health",)
 _BEARER = "bearer "
 _WATCH_JOIN_S = 2.0
 _CURVE_DOMAIN = "*"  # the authenticator's default domain: every CURVE socket in the process
+# Refusal reasons, for whoever counts them (the router's bm_pool_refused_total)
+REFUSED_API_KEY = "api_key"  # a call without a known key
+REFUSED_CURVE_KEY = "curve_key"  # a worker connection whose key is not in the allowlist
+REFUSED_CURVE_HANDSHAKE = "curve_handshake"  # a worker connection that did not speak CURVE to us
+RefusalCounter = Callable[[str], None]
+
+
+def _uncounted(_reason: str) -> None:
+    return None
 
 
 class SecurityError(ValueError):
@@ -259,10 +268,11 @@ def bearer_key(value: str | None) -> str | None:
 class ApiKeys:
     """The keys in a file, one a line ('#' starts a comment line). Re-read by reload()."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, count_refusal: RefusalCounter = _uncounted) -> None:
         self._path = path
         self._digests = self._load()
         self._refusals = RateLimitedWarning()
+        self._count_refusal = count_refusal
 
     @property
     def count(self) -> int:
@@ -291,6 +301,7 @@ class ApiKeys:
     def refused(self, where: str, peer: str, presented: str | None) -> None:
         """Log a refusal (rate-limited), naming the key by fingerprint only."""
         what = "no key" if presented is None else f"an unknown key {fingerprint(presented)}"
+        self._count_refusal(REFUSED_API_KEY)
         self._refusals("refused a call to %s from %s: %s", where, peer, what)
 
     def _load(self) -> tuple[bytes, ...]:
@@ -408,10 +419,11 @@ class FrontSecurity:
     admin_keys: ApiKeys | None  # the admin API's own keys; None = `keys`
 
     @classmethod
-    def load(cls, config: SecurityConfig) -> FrontSecurity:
+    def load(cls, config: SecurityConfig, count_refusal: RefusalCounter = _uncounted) -> FrontSecurity:
         tls = TlsFiles(config.tls) if config.tls.enabled else None
-        keys = ApiKeys(config.api_keys_file) if config.api_keys_file else None
-        admin_keys = ApiKeys(config.admin_api_keys_file) if config.admin_api_keys_file else None
+        keys = ApiKeys(config.api_keys_file, count_refusal) if config.api_keys_file else None
+        admin_file = config.admin_api_keys_file
+        admin_keys = ApiKeys(admin_file, count_refusal) if admin_file else None
         return cls(config, tls, keys, admin_keys)
 
     def grpc_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
@@ -488,10 +500,11 @@ class WorkerAllowlist:
     """Worker public keys from a directory of ZeroMQ certificate files (*.key), for pyzmq's
     authenticator (`configure_curve_callback`). Refusals are logged rate-limited, by fingerprint."""
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, count_refusal: RefusalCounter = _uncounted) -> None:
         self._directory = directory
         self._keys = self._load()
         self._refusals = RateLimitedWarning()
+        self._count_refusal = count_refusal
         self.peer_address = "?"  # set by the authenticator before each check (one thread)
 
     @property
@@ -510,6 +523,7 @@ class WorkerAllowlist:
     def callback(self, _domain: str, client_key: bytes) -> bool:
         if client_key in self._keys:
             return True
+        self._count_refusal(REFUSED_CURVE_KEY)
         self._refusals(
             "refused a worker connection from %s: its CURVE key %s is not in %s",
             self.peer_address,
@@ -559,10 +573,11 @@ class _HandshakeFailureWatch(threading.Thread):
     """Logs (rate-limited) peers that fail the handshake before the allowlist is even asked: not
     speaking CURVE, or expecting another router's key. libzmq's monitor events carry no peer address."""
 
-    def __init__(self, socket: zmq.Socket) -> None:
+    def __init__(self, socket: zmq.Socket, count_refusal: RefusalCounter) -> None:
         super().__init__(name="curve-handshake-watch", daemon=True)
         self._monitor = socket.get_monitor_socket(sum(_HANDSHAKE_FAILURES) | zmq.EVENT_MONITOR_STOPPED)
         self._refusals = RateLimitedWarning()
+        self._count_refusal = count_refusal
 
     def run(self) -> None:
         try:
@@ -571,6 +586,7 @@ class _HandshakeFailureWatch(threading.Thread):
                 if event["event"] == zmq.EVENT_MONITOR_STOPPED:
                     return
                 if event["event"] in _HANDSHAKE_FAILURES:
+                    self._count_refusal(REFUSED_CURVE_HANDSHAKE)
                     self._refusals("refused a worker connection: %s", _HANDSHAKE_FAILURES[event["event"]])
         except zmq.ContextTerminated:
             pass
@@ -581,9 +597,12 @@ class _HandshakeFailureWatch(threading.Thread):
 class CurveServer:
     """The router side: its keypair, the allowlist and the authenticator thread for one context."""
 
-    def __init__(self, config: CurveConfig, context: zmq.Context) -> None:
+    def __init__(
+        self, config: CurveConfig, context: zmq.Context, count_refusal: RefusalCounter | None = None
+    ) -> None:
         self._keypair = load_keypair(config.router_secret_key)
-        self.allowlist = WorkerAllowlist(config.allowed_workers_dir)
+        self._count_refusal = count_refusal or _uncounted
+        self.allowlist = WorkerAllowlist(config.allowed_workers_dir, self._count_refusal)
         self._watch: _HandshakeFailureWatch | None = None
         self._authenticator = _AddressNotingAuthenticator(context, self.allowlist)
         self._authenticator.start()
@@ -596,7 +615,7 @@ class CurveServer:
         socket.curve_publickey = self._keypair.public
         socket.curve_server = True
         socket.zap_domain = _CURVE_DOMAIN.encode()
-        self._watch = _HandshakeFailureWatch(socket)
+        self._watch = _HandshakeFailureWatch(socket, self._count_refusal)
         self._watch.start()
 
     def reload(self) -> None:

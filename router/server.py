@@ -75,8 +75,8 @@ class RouterServer:
     async def _start(self) -> None:
         config = self._config
         check_worker_link(config.zmq_bind, self._security_config)
-        self.security = FrontSecurity.load(self._security_config)
-        self._transport = Transport(config.zmq_bind, self._security_config.curve)
+        self.security = FrontSecurity.load(self._security_config, self.metrics.on_refused)
+        self._transport = Transport(config.zmq_bind, self._security_config.curve, self.metrics.on_refused)
         self.zmq_endpoint = self._transport.endpoint
         self._registry = WorkerRegistry(
             self._transport, config.heartbeat_interval_s, config.liveness, self.metrics

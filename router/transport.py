@@ -26,7 +26,7 @@ from google.protobuf.message import Message
 
 from common import wire
 from common.config import CurveConfig
-from common.security import CurveServer
+from common.security import CurveServer, RefusalCounter
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,15 @@ MessageHandler = Callable[[bytes, str, Message], None]
 
 
 class Transport:
-    def __init__(self, bind: str, curve: CurveConfig | None = None) -> None:
-        """`curve`: accept only workers whose CURVE key is in its allowlist (see common/security.py)."""
+    def __init__(
+        self, bind: str, curve: CurveConfig | None = None, count_refusal: RefusalCounter | None = None
+    ) -> None:
+        """`curve`: accept only workers whose CURVE key is in its allowlist (see common/security.py);
+        `count_refusal` is told of each peer refused."""
         self._context = zmq.Context()
-        self.curve = CurveServer(curve, self._context) if curve is not None and curve.enabled else None
+        self.curve = None
+        if curve is not None and curve.enabled:
+            self.curve = CurveServer(curve, self._context, count_refusal)
         self._socket = self._context.socket(zmq.ROUTER)
         if self.curve is not None:
             self.curve.secure(self._socket)

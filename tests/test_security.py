@@ -254,6 +254,10 @@ def tls_channel(server: RouterServer, files: TlsFilesForTest, client_cert: bool 
     return grpc.aio.secure_channel(f"localhost:{server.grpc_port}", credentials)
 
 
+def refused_count(server: RouterServer, reason: str) -> float:
+    return server.metrics.registry.get_sample_value("bm_pool_refused_total", {"reason": reason}) or 0.0
+
+
 def bearer(key: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {key}"),)
 
@@ -287,6 +291,7 @@ async def test_tls_and_api_key_right_key_streams_wrong_or_no_key_is_unauthentica
         unary = stub.Complete(request("x"), metadata=bearer(WRONG_KEY))
         await expect_status(unary, grpc.StatusCode.UNAUTHENTICATED)
         assert server.snapshot().open_calls == 0  # no refused call reached the scheduler
+        assert refused_count(server, "api_key") == 4
 
 
 @async_test
@@ -498,7 +503,7 @@ async def test_curve_an_unknown_key_is_refused_at_the_handshake_and_logged(curve
                 event = parse_monitor_message(await monitor.recv_multipart())
                 assert event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH
                 await eventually(lambda: "refused a worker connection" in caplog.text, "the refusal logged")
-                assert registered(server) == 0
+                assert registered(server) == 0 and refused_count(server, "curve_key") >= 1
                 assert rogue.inbox == {}  # not even a Disconnect reached it
             finally:
                 monitor.close()
@@ -522,6 +527,7 @@ async def test_curve_a_plain_peer_is_refused_and_logged(curve_keys, caplog):
                 lambda: "refused a worker connection: it failed the CURVE handshake" in caplog.text,
                 "the refusal logged",
             )
+            assert refused_count(server, "curve_handshake") >= 1
         finally:
             monitor.close()
             await plain.close()
