@@ -378,16 +378,21 @@ def _refusing_handler(
     return make(refuse, request_deserializer=ignore, response_serializer=handler.response_serializer)
 
 
-def api_key_middleware(keys: ApiKeys, open_paths: Iterable[str] = HTTP_OPEN_PATHS) -> Any:
+def api_key_middleware(
+    keys: ApiKeys, open_paths: Iterable[str] = HTTP_OPEN_PATHS, open_prefixes: Iterable[str] = ()
+) -> Any:
     """An aiohttp middleware: a request without a known `Authorization: Bearer` key gets 401 and an
-    OpenAI-style error object. `app = web.Application(middlewares=[api_key_middleware(keys)])`."""
+    OpenAI-style error object. `app = web.Application(middlewares=[api_key_middleware(keys)])`.
+    Open without a key: `open_paths` (exact), paths under `open_prefixes` (e.g. "/static/"), and
+    CORS preflights (OPTIONS: browsers never send credentials with them)."""
     from aiohttp import web  # only the HTTP front needs aiohttp
 
-    open_set = frozenset(open_paths)
+    open_set, prefixes = frozenset(open_paths), tuple(open_prefixes)
 
     @web.middleware
     async def require_api_key(request: web.Request, handler: Callable[..., Awaitable[Any]]) -> Any:
-        if request.path in open_set:
+        path = request.path
+        if path in open_set or (prefixes and path.startswith(prefixes)) or request.method == "OPTIONS":
             return await handler(request)
         presented = bearer_key(request.headers.get("Authorization"))
         if keys.allows(presented):
@@ -452,11 +457,15 @@ class FrontSecurity:
         """For aiohttp's TCPSite(ssl_context=...): None = plain HTTP."""
         return None if self.tls is None else self.tls.ssl_context()
 
-    def http_middlewares(self, open_paths: Iterable[str] = HTTP_OPEN_PATHS) -> list[Any]:
-        """For `web.Application(middlewares=...)`."""
+    def http_middlewares(
+        self, open_paths: Iterable[str] = HTTP_OPEN_PATHS, open_prefixes: Iterable[str] = ()
+    ) -> list[Any]:
+        """For `web.Application(middlewares=...)`: `open_paths` (health) are open when open_health
+        is set, `open_prefixes` (a page's static files) always."""
         if self.keys is None:
             return []
-        return [api_key_middleware(self.keys, open_paths if self.config.open_health else ())]
+        opened = open_paths if self.config.open_health else ()
+        return [api_key_middleware(self.keys, opened, open_prefixes)]
 
     def reload(self) -> None:
         for reloadable in (self.tls, self.keys, self.admin_keys):

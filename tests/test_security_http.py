@@ -28,9 +28,13 @@ async def https_app(security: FrontSecurity) -> AsyncIterator[str]:
     async def models(_request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": []})
 
-    app = web.Application(middlewares=security.http_middlewares())
+    async def page(_request: web.Request) -> web.Response:
+        return web.Response(text="<html></html>", content_type="text/html")
+
+    app = web.Application(middlewares=security.http_middlewares(open_prefixes=("/static/",)))
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/static/index.html", page)
     runner = web.AppRunner(app)
     await runner.setup()
     port = free_port()
@@ -87,6 +91,12 @@ async def test_openai_style_401_for_a_missing_or_wrong_key_and_health_open(tmp_p
             assert ok.status == 200 and (await ok.json())["object"] == "list"
         async with session.get(f"{url}/health", ssl=tls) as health:
             assert health.status == 200
+        async with session.get(f"{url}/static/index.html", ssl=tls) as page:
+            assert page.status == 200  # the page's files are open: its script then sends the key
+        async with session.options(f"{url}/v1/models", ssl=tls) as preflight:
+            assert preflight.status != 401  # a CORS preflight carries no credentials
+        async with session.get(f"{url}/static", ssl=tls) as outside:
+            assert outside.status == 401  # the prefix opens what is under it, nothing beside it
 
 
 @async_test
