@@ -572,31 +572,53 @@ class _AddressNotingAuthenticator(ThreadAuthenticator):
         await super().handle_zap_message(msg)
 
 
-_HANDSHAKE_FAILURES = {  # which of the two a plain-text peer causes on the router's side varies
-    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "it failed the CURVE handshake (a protocol error)",
-    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "it failed the CURVE handshake (no detail from libzmq)",
+_ROUTER_HANDSHAKE_FAILURES = {  # which of the two a plain-text peer causes varies
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "refused a worker connection: it failed the CURVE handshake "
+    "(a protocol error)",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "refused a worker connection: it failed the CURVE handshake "
+    "(no detail from libzmq)",
+}
+_WORKER_HANDSHAKE_FAILURES = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "the router refused this worker's CURVE key: add its .key file to "
+    "the router's allowed_workers_dir (then SIGHUP the router)",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "the CURVE handshake with the router failed: is "
+    "router_public_key the router's key, and does the router run CURVE?",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the CURVE handshake with the router failed: is "
+    "router_public_key the router's key, and does the router run CURVE?",
 }
 
 
 class _HandshakeFailureWatch(threading.Thread):
-    """Logs (rate-limited) peers that fail the handshake before the allowlist is even asked: not
-    speaking CURVE, or expecting another router's key. libzmq's monitor events carry no peer address."""
+    """Logs (rate-limited) the failed handshakes of one socket, from libzmq's monitor events (which
+    carry no peer address); ends when the socket is closed."""
 
-    def __init__(self, socket: zmq.Socket, count_refusal: RefusalCounter) -> None:
+    def __init__(
+        self,
+        socket: zmq.Socket,
+        messages: dict[int, str],
+        warn: RateLimitedWarning,
+        on_failure: Callable[[], None] = lambda: None,
+    ) -> None:
         super().__init__(name="curve-handshake-watch", daemon=True)
-        self._monitor = socket.get_monitor_socket(sum(_HANDSHAKE_FAILURES) | zmq.EVENT_MONITOR_STOPPED)
-        self._refusals = RateLimitedWarning()
-        self._count_refusal = count_refusal
+        # A plain (blocking) PAIR on the socket's own context, whatever the socket's flavour
+        # (zmq.asyncio's get_monitor_socket would return an asyncio socket).
+        address = f"inproc://curve-handshake-watch-{id(self)}"
+        socket.monitor(address, sum(messages) | zmq.EVENT_MONITOR_STOPPED)
+        self._monitor = zmq.Context.shadow(socket.context.underlying).socket(zmq.PAIR)
+        self._monitor.connect(address)
+        self._messages = messages
+        self._on_failure = on_failure
+        self._warn = warn
 
     def run(self) -> None:
         try:
             while True:
-                event = parse_monitor_message(self._monitor.recv_multipart())
-                if event["event"] == zmq.EVENT_MONITOR_STOPPED:
+                event = parse_monitor_message(self._monitor.recv_multipart())["event"]
+                if event == zmq.EVENT_MONITOR_STOPPED:
                     return
-                if event["event"] in _HANDSHAKE_FAILURES:
-                    self._count_refusal(REFUSED_CURVE_HANDSHAKE)
-                    self._refusals("refused a worker connection: %s", _HANDSHAKE_FAILURES[event["event"]])
+                if event in self._messages:
+                    self._on_failure()
+                    self._warn(self._messages[event])
         except zmq.ContextTerminated:
             pass
         finally:
@@ -624,7 +646,12 @@ class CurveServer:
         socket.curve_publickey = self._keypair.public
         socket.curve_server = True
         socket.zap_domain = _CURVE_DOMAIN.encode()
-        self._watch = _HandshakeFailureWatch(socket, self._count_refusal)
+        self._watch = _HandshakeFailureWatch(
+            socket,
+            _ROUTER_HANDSHAKE_FAILURES,
+            RateLimitedWarning(),
+            lambda: self._count_refusal(REFUSED_CURVE_HANDSHAKE),
+        )
         self._watch.start()
 
     def reload(self) -> None:
@@ -643,6 +670,7 @@ class CurveClient:
     def __init__(self, config: CurveConfig) -> None:
         self._keypair = load_keypair(config.worker_secret_key)
         self._router_key = load_public_key(config.router_public_key)
+        self._handshake_failures = RateLimitedWarning()  # one for all the sockets of this worker
         log.info(
             "worker link: CURVE, own key %s, router key %s",
             fingerprint(self._keypair.public),
@@ -650,7 +678,9 @@ class CurveClient:
         )
 
     def secure(self, socket: zmq.Socket) -> None:
-        """Make `socket` (before its connect) a CURVE client of the router."""
+        """Make `socket` (before its connect) a CURVE client of the router; its failed handshakes
+        are logged (a DEALER retries them silently otherwise)."""
         socket.curve_secretkey = self._keypair.secret
         socket.curve_publickey = self._keypair.public
         socket.curve_serverkey = self._router_key
+        _HandshakeFailureWatch(socket, _WORKER_HANDSHAKE_FAILURES, self._handshake_failures).start()

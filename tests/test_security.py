@@ -12,11 +12,13 @@ import stat
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+import yaml
 import zmq
 import zmq.auth
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -546,6 +548,39 @@ async def test_curve_allowlist_reload_admits_a_new_key(curve_keys):
             assert registered(server) == 1
         finally:
             await worker.close()
+
+
+async def worker_log_until(server: RouterServer, curve: CurveConfig, folder: Path, wanted: str) -> str:
+    """Run a real worker process with `curve` against `server` until its log shows `wanted`."""
+    config = folder / "worker.yaml"
+    security = {"curve": {**asdict(curve), "enabled": True}}
+    config.write_text(yaml.safe_dump({"model": {"engine": "paced"}, "security": security}))
+    worker = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "worker", "--config", str(config), "--router", server.zmq_endpoint,
+        cwd=KEYGEN.parents[1], stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    log = ""
+    try:
+        while wanted not in log:
+            line = await asyncio.wait_for(worker.stderr.readline(), WAIT_S)
+            assert line, f"the worker exited; its log:\n{log}"
+            log += line.decode()
+    finally:
+        worker.terminate()
+        await worker.wait()
+    return log
+
+
+@async_test
+async def test_a_worker_says_why_its_curve_handshake_fails(curve_keys, tmp_path):
+    async with secured_router(SecurityConfig(curve=curve_keys)) as server:
+        log = await worker_log_until(
+            server, rogue_of(curve_keys), tmp_path, "refused this worker's CURVE key"
+        )
+        assert registered(server) == 0 and "add its .key file" in log
+        wrong_router = replace(curve_keys, router_public_key=str(tmp_path / "rogue.key"))
+        await worker_log_until(server, wrong_router, tmp_path, "is router_public_key the router's key")
+        assert registered(server) == 0
 
 
 def test_curve_key_files_missing_or_public_only_are_refused(curve_keys):
