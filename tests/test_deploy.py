@@ -169,3 +169,29 @@ def test_the_dockerfile_copies_what_exists():
         if line.startswith("COPY "):
             for source in line.split()[1:-1]:
                 assert (REPO / source).exists(), f"COPY {source}: not in the repository"
+
+
+def run_entrypoint(dev_dir: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """The worker entrypoint with a folder standing for /dev; `--help` makes the supervisor exit."""
+    path = f"{Path(sys.executable).parent}:/usr/bin:/bin"  # `python` is the test's interpreter
+    return subprocess.run(
+        [str(REPO / "deploy" / "worker-entrypoint.sh"), "--help"],
+        env={"PATH": path, "BM_DEV_DIR": str(dev_dir), **env},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_the_worker_entrypoint_takes_the_nodes_chips_as_dev_id(tmp_path):
+    for name in ("bm-sophon10", "bm-sophon2", "bm-sophon0", "bmdev-ctl", "bm-sophon-misc"):
+        (tmp_path / name).touch()
+    found = run_entrypoint(tmp_path)
+    assert found.returncode == 0 and "DEV_ID=0,2,10" in found.stderr
+    assert "python -m supervisor" in found.stdout  # it went on to the supervisor
+    chosen = run_entrypoint(tmp_path, DEV_ID="2")
+    assert "DEV_ID=2" in chosen.stderr and "DEV_ID=0" not in chosen.stderr
+    (empty := tmp_path / "empty").mkdir()
+    missing = run_entrypoint(empty)
+    assert missing.returncode == 2 and "is the sophon driver loaded" in missing.stderr
