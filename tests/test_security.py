@@ -194,7 +194,7 @@ def test_the_worker_refuses_a_plain_link_off_loopback(tmp_path):
     config = tmp_path / "pool.yaml"
     config.write_text("model: {engine: paced}\n")
     worker = subprocess.run(
-        [sys.executable, "-m", "worker", "--config", str(config), "--router", "tcp://198.18.0.1:1"],
+        [sys.executable, "-m", "worker", "--config", str(config), "--router", "tcp://router.invalid:1"],
         capture_output=True,
         text=True,
         timeout=60,
