@@ -143,6 +143,8 @@ class RouterConfig:
     max_request_bytes: int = 1 << 20
     metrics_listen: str | None = None  # e.g. "127.0.0.1:9400"; None = no metrics endpoint
     event_loop: str = "uvloop"  # or "asyncio", the standard library's
+    # A plain-text port serving only grpc.health.v1, for probes that cannot speak TLS (Kubernetes').
+    health_listen: str | None = None
 
     def __post_init__(self) -> None:
         _require_host_port("listen", self.listen)
@@ -170,6 +172,8 @@ class RouterConfig:
         )
         if self.metrics_listen is not None:
             _require_host_port("metrics_listen", self.metrics_listen)
+        if self.health_listen is not None:
+            _require_host_port("health_listen", self.health_listen)
         _require(
             self.event_loop in EVENT_LOOPS,
             "event_loop",
@@ -269,11 +273,83 @@ class WorkersConfig:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """TLS on the client-facing fronts (gRPC, and the HTTP and admin fronts). PEM files."""
+
+    cert_file: str | None = None  # the server's certificate chain; set with key_file = TLS only
+    key_file: str | None = None
+    client_ca_file: str | None = None  # set = mutual TLS: clients need a certificate this CA signed
+
+    def __post_init__(self) -> None:
+        _require(
+            (self.cert_file is None) == (self.key_file is None),
+            "cert_file",
+            "and key_file must be set together",
+            (self.cert_file, self.key_file),
+        )
+        _require(
+            self.client_ca_file is None or self.cert_file is not None,
+            "client_ca_file",
+            "needs cert_file and key_file (mutual TLS is TLS first)",
+            self.client_ca_file,
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
+@dataclass(frozen=True)
+class CurveConfig:
+    """ZeroMQ CURVE on the worker link. One config serves both roles: the router reads its secret key
+    and the allowlist, a worker its own secret key and the router's public key (scripts/keygen.py)."""
+
+    enabled: bool = False
+    router_secret_key: str = "/etc/bm-pool/curve/router.key_secret"  # the router only
+    allowed_workers_dir: str = "/etc/bm-pool/curve/workers"  # the router only: workers' *.key files
+    worker_secret_key: str = "/etc/bm-pool/curve/worker.key_secret"  # workers only
+    router_public_key: str = "/etc/bm-pool/curve/router.key"  # workers only
+
+    def __post_init__(self) -> None:
+        for key in ("router_secret_key", "allowed_workers_dir", "worker_secret_key", "router_public_key"):
+            _require(bool(getattr(self, key).strip()), key, "must not be empty", getattr(self, key))
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """Who may use the fronts and who may join as a worker (common/security.py applies it)."""
+
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    api_keys_file: str | None = None  # one key per line; set = every call needs `authorization: Bearer`
+    # Keys for the admin API alone (clients' keys then cannot cordon or drain); null = api_keys_file's.
+    admin_api_keys_file: str | None = None
+    open_health: bool = True  # health checks need no key (probes cannot send one)
+    curve: CurveConfig = field(default_factory=CurveConfig)
+    # Only with this may the worker link run without CURVE on a non-loopback address.
+    trusted_network: bool = False
+
+    def __post_init__(self) -> None:
+        _require(
+            self.api_keys_file is None or bool(self.api_keys_file.strip()),
+            "api_keys_file",
+            "must not be empty (null = no keys)",
+            self.api_keys_file,
+        )
+        _require(
+            self.admin_api_keys_file is None or bool(self.admin_api_keys_file.strip()),
+            "admin_api_keys_file",
+            "must not be empty (null = the api_keys_file keys)",
+            self.admin_api_keys_file,
+        )
+
+
+@dataclass(frozen=True)
 class PoolConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
 
 def load_config(path: str | Path, environ: Mapping[str, str] = os.environ) -> PoolConfig:

@@ -194,6 +194,12 @@ class PoolMetrics:
             ("device_id",),
             **metric,
         )
+        self._refusals = Counter(
+            "refused",
+            "Calls and worker connections refused for want of a valid key (common/security.py)",
+            ("reason",),
+            **metric,
+        )
         self._pool = _PoolCollector((self._inter_token,))
         self.registry.register(self._pool)
         self._http: WSGIServer | None = None
@@ -279,6 +285,10 @@ class PoolMetrics:
 
     def on_worker_lost(self, worker: WorkerRecord) -> None:
         self._losses.labels(str(worker.device_id)).inc()
+
+    def on_refused(self, reason: str) -> None:
+        """A refusal by common/security.py; called from the authenticator's thread too (thread-safe)."""
+        self._refusals.labels(reason).inc()
 
     def on_liveness_check(self, worker: WorkerRecord, silence_s: float, interval_s: float) -> None:
         if silence_s > interval_s * MISSED_HEARTBEAT_AFTER_INTERVALS:

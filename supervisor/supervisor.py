@@ -112,9 +112,15 @@ class Supervisor:
     def _children(self) -> list[Child]:
         return ([self._router] if self._router else []) + self._workers
 
+    def _forward_reload(self) -> None:
+        """SIGHUP: the router re-reads its keys and certificates (workers load theirs at start)."""
+        if self._router is not None:
+            _send(self._router, signal.SIGHUP)
+
     def run(self) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda received, _frame: self._signals.append(received))
+        signal.signal(signal.SIGHUP, lambda _signum, _frame: self._forward_reload())
         log.info(
             "starting %s and %d workers", "the router" if self._router else "no router", len(self._workers)
         )

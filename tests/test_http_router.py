@@ -3,7 +3,7 @@
 A real in-process router (gRPC and HTTP on loopback) with workers emulated over real ZeroMQ
 (tests/router_harness.py), so each outcome is produced on purpose: queue full, queue timeout, no
 worker, a worker lost mid-stream, an engine error, a drain, a client that disconnects, and the
-API-key middleware hook. Each maps to the status and SDK exception the issue names.
+API keys (common/security.py's middleware). Each maps to the status and SDK exception the issue names.
 """
 
 from __future__ import annotations
@@ -11,19 +11,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import tempfile
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
-import grpc
 import openai
 import pytest
-from aiohttp import web
 
-from common.config import HttpConfig
+from common.config import HttpConfig, SecurityConfig
+from common.security import KEY_NEEDED_MESSAGE
 from protos import worker_pb2
-from router.http.app import Handler
-from router.http.errors import ApiError
 from router.server import RouterServer
 from router.validation import RequestLimits
 from tests.router_harness import (
@@ -35,16 +34,17 @@ from tests.router_harness import (
 )
 
 MODEL = "test-model"  # what the emulated workers say they serve
+RIGHT_KEY = "sk-test-0123456789abcdef"
 MESSAGES = [{"role": "user", "content": "hello"}]
 
 
 @contextlib.asynccontextmanager
 async def http_router(
-    middlewares: tuple[Any, ...] = (), **overrides: Any
+    security: SecurityConfig | None = None, **overrides: Any
 ) -> AsyncIterator[tuple[RouterServer, openai.AsyncOpenAI]]:
     config = router_config(**overrides)
     http = HttpConfig(listen=f"127.0.0.1:{free_port()}", max_n=4)
-    server = RouterServer(config, RequestLimits(1 << 20, 512), http, MODEL, middlewares)
+    server = RouterServer(config, RequestLimits(1 << 20, 512), http, MODEL, security=security)
     await server.start()
     client = openai.AsyncOpenAI(
         base_url=f"http://127.0.0.1:{server.http_port}/v1", api_key="unused", max_retries=0, timeout=10
@@ -216,23 +216,24 @@ async def test_draining_refuses_new_calls_with_503_and_lets_streams_finish() -> 
 
 
 @async_test
-async def test_an_api_key_middleware_refusal_is_401_authentication_error() -> None:
-    @web.middleware
-    async def keys(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.headers.get("Authorization") != "Bearer right":
-            raise ApiError(
-                grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key", code="invalid_api_key"
-            )
-        return await handler(request)
-
-    async with http_router(middlewares=(keys,)) as (_server, client):
-        with pytest.raises(openai.AuthenticationError) as raised:
-            await chat(client)
-        assert raised.value.message.endswith("missing or wrong API key")
-        assert raised.value.code == "invalid_api_key"
-        allowed = openai.AsyncOpenAI(base_url=client.base_url, api_key="right", max_retries=0)
-        assert (await allowed.models.list()).data[0].id == MODEL
-        await allowed.close()
+async def test_a_missing_or_wrong_api_key_is_401_authentication_error() -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        keys = Path(folder) / "keys"
+        keys.write_text(f"{RIGHT_KEY}\n")
+        async with http_router(SecurityConfig(api_keys_file=str(keys))) as (server, client):
+            with pytest.raises(openai.AuthenticationError) as raised:
+                await chat(client)
+            assert raised.value.message.endswith(KEY_NEEDED_MESSAGE)
+            assert raised.value.code == "invalid_api_key"
+            allowed = openai.AsyncOpenAI(base_url=client.base_url, api_key=RIGHT_KEY, max_retries=0)
+            assert (await allowed.models.list()).data[0].id == MODEL
+            await allowed.close()
+            async with (
+                aiohttp.ClientSession() as session
+            ):  # the page and health stay open for people and probes
+                for path in ("/", "/health"):
+                    response = await session.get(f"http://127.0.0.1:{server.http_port}{path}")
+                    assert response.status != 401, path
 
 
 @async_test

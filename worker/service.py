@@ -38,6 +38,7 @@ import zmq
 from common import wire
 from common.config import PoolConfig
 from common.devices import DeviceGroup, format_group
+from common.security import CurveClient, SecurityError, check_worker_link
 from protos import worker_pb2 as pb
 from worker.core.engine import Engine, load_engine
 from worker.generation import GenerationThread, Job
@@ -65,6 +66,12 @@ class WorkerIdentity:
 
 def run_worker(config: PoolConfig, identity: WorkerIdentity, endpoint: str) -> int:
     """Load the engine, then serve until SIGTERM/SIGINT; returns the process exit code."""
+    try:  # before the engine loads: a key problem is reported at once
+        check_worker_link(endpoint, config.security)
+        curve = CurveClient(config.security.curve) if config.security.curve.enabled else None
+    except SecurityError as error:
+        log.error("%s", error)
+        return 2
     log.info(
         "loading %s engine for %s on device %s",
         config.model.engine,
@@ -77,7 +84,7 @@ def run_worker(config: PoolConfig, identity: WorkerIdentity, endpoint: str) -> i
         log.error("cannot load the %s engine from %s: %s", config.model.engine, config.model.path, error)
         return 1
     log.info("engine ready: model %s, context %d tokens", engine.model_id, engine.context_size)
-    return WorkerService(engine, identity, endpoint, config).run()
+    return WorkerService(engine, identity, endpoint, config, curve).run()
 
 
 @dataclass
@@ -95,8 +102,17 @@ class _Generation:
 
 
 class WorkerService:
-    def __init__(self, engine: Engine, identity: WorkerIdentity, endpoint: str, config: PoolConfig) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        identity: WorkerIdentity,
+        endpoint: str,
+        config: PoolConfig,
+        curve: CurveClient | None = None,
+    ) -> None:
+        """`curve`: connect as a CURVE client with this keypair (the router must allow its key)."""
         self._engine = engine
+        self._curve = curve
         self._identity = identity
         self._endpoint = endpoint
         self._settings = config.workers
@@ -286,6 +302,8 @@ class WorkerService:
         dealer.setsockopt(zmq.ROUTING_ID, self._identity.worker_id.encode())
         dealer.setsockopt(zmq.MAXMSGSIZE, wire.MAX_FRAME_BYTES)
         dealer.setsockopt(zmq.LINGER, 0)
+        if self._curve is not None:
+            self._curve.secure(dealer)
         dealer.connect(self._endpoint)
         self._dealer_fd: int = dealer.get(zmq.FD)
         self._poller.register(self._dealer_fd, select.POLLIN)

@@ -16,6 +16,7 @@ with ApiError and is answered like any other error.
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
@@ -158,9 +159,16 @@ class _Routes:
 class HttpServer:
     """The app served on host:port until stop(); binding errors are OSError naming the address."""
 
-    def __init__(self, front: Front, address: str, middlewares: Iterable[Middleware] = ()) -> None:
+    def __init__(
+        self,
+        front: Front,
+        address: str,
+        middlewares: Iterable[Middleware] = (),
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self._app = create_app(front, middlewares)
         self._address = address
+        self._ssl_context = ssl_context  # None = plain HTTP
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -173,7 +181,7 @@ class HttpServer:
         await runner.setup()
         self._runner = runner
         host, _, port = self._address.rpartition(":")
-        site = web.TCPSite(runner, host.strip("[]"), int(port))
+        site = web.TCPSite(runner, host.strip("[]"), int(port), ssl_context=self._ssl_context)
         try:
             await site.start()
         except OSError as error:
