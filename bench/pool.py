@@ -107,6 +107,7 @@ class PacedPool:
         self.addr = f"127.0.0.1:{free_port()}"
         self.zmq_endpoint = f"tcp://127.0.0.1:{free_port()}"
         self.metrics_url = f"http://127.0.0.1:{free_port()}/metrics"
+        self.admin_addr = f"127.0.0.1:{free_port()}"
         self.config_path = scratch / "pool.yaml"
         self.router: subprocess.Popen | None = None
         self.workers: list[subprocess.Popen] = []
@@ -222,6 +223,7 @@ class PacedPool:
                 "event_loop": self.spec.event_loop,
                 "metrics_listen": self.metrics_url.removeprefix("http://").removesuffix("/metrics"),
             },
+            "admin": {"listen": self.admin_addr},
             "model": {
                 "name": "paced",
                 "engine": "paced",

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import signal
 import sys
+from pathlib import Path
 
 from common.config import ConfigError, PoolConfig, load_config
 from router import event_loop
@@ -36,18 +37,24 @@ def main() -> int:
         if value is not None
     }
     config = dataclasses.replace(config, router=dataclasses.replace(config.router, **overrides))
+    if args.admin_listen is not None:
+        config = dataclasses.replace(
+            config, admin=dataclasses.replace(config.admin, listen=args.admin_listen)
+        )
+    config_path = Path(args.config) if args.config else None
     try:
-        return event_loop.run(_serve(config), config.router.event_loop)
+        return event_loop.run(_serve(config, config_path), config.router.event_loop)
     except OSError as error:
         logging.getLogger("router").error("%s", error)
         return 1
 
 
-async def _serve(config: PoolConfig) -> int:
+async def _serve(config: PoolConfig, config_path: Path | None) -> int:
     limits = RequestLimits(
-        max_request_bytes=config.router.max_request_bytes, max_new_tokens=config.model.context_size
+        max_request_bytes=config.router.max_request_bytes,
+        max_new_tokens=max(model.context_size for model in config.served_models),
     )
-    server = RouterServer(config.router, limits)
+    server = RouterServer(config.router, limits, pool=config, config_path=config_path)
     await server.start()
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -73,6 +80,7 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--zmq-bind", help="worker endpoint, overrides router.zmq_bind (e.g. tcp://127.0.0.1:*)"
     )
+    parser.add_argument("--admin-listen", help="admin API address, overrides admin.listen")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return parser.parse_args()
 

@@ -4,7 +4,9 @@ RouterServer owns the pieces and their lifetimes. Health (`grpc.health.v1`, for 
 server "" and for "InferenceService") is SERVING while at least one worker is registered and
 NOT_SERVING with none or once draining has begun. Reflection lists the inference, health and
 reflection services, so grpcurl can discover and call them. Prometheus metrics (router/metrics.py)
-are collected always and served over HTTP on metrics_listen when it is set.
+are collected always and served over HTTP on metrics_listen when it is set. Given the whole pool
+config, it also serves the operators' admin API (router/admin.py) on admin.listen, and knows the
+pool's models (router/models.py).
 """
 
 from __future__ import annotations
@@ -12,17 +14,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from common.config import RouterConfig
+from common.config import PoolConfig, RouterConfig
 from protos import inference_pb2
+from router.admin import start_admin_server
+from router.agents import AgentRegistry
 from router.metrics import PoolMetrics
+from router.models import ServedModels
+from router.operations import Operations
 from router.scheduler import Scheduler, Snapshot
 from router.service import InferenceServicer
 from router.transport import Transport
@@ -40,9 +48,24 @@ STOP_GRACE_S = 1.0
 
 
 class RouterServer:
-    def __init__(self, config: RouterConfig, limits: RequestLimits) -> None:
+    def __init__(
+        self,
+        config: RouterConfig,
+        limits: RequestLimits,
+        *,
+        pool: PoolConfig | None = None,
+        config_path: Path | None = None,
+        admin_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    ) -> None:
+        """`pool`: the whole config, for the models and the admin API (None: neither, e.g. in tests of
+        the request path); `config_path`: the file an admin reload re-reads."""
         self._config = config
         self._limits = limits
+        self._pool = pool
+        self._config_path = config_path
+        self._admin_interceptors = admin_interceptors
+        self._admin_server: grpc.aio.Server | None = None
+        self.admin_port = 0
         self._draining = False
         self._stopped = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -69,6 +92,15 @@ class RouterServer:
             self._transport, config.heartbeat_interval_s, config.liveness, self.metrics
         )
         self._scheduler = Scheduler(self._registry, config.queue_size, config.queue_timeout_s, self.metrics)
+        self._agents = AgentRegistry(
+            self._transport, self._registry, config.heartbeat_interval_s, config.liveness
+        )
+        configured = [model.name for model in self._pool.served_models] if self._pool else []
+        self._models = ServedModels(
+            configured,
+            lambda: (worker.model_id for worker in self._registry.workers()),
+            listed=bool(self._pool and self._pool.models),
+        )
         self.metrics.follow(self._scheduler.snapshot, self._registry.workers)
         if config.metrics_listen is not None:
             self.metrics_port = self.metrics.serve(config.metrics_listen)
@@ -78,8 +110,18 @@ class RouterServer:
         self._server = self._build_grpc_server()
         self.grpc_port = _bind(self._server, config.listen)
         await self._server.start()
-        self._spawn(self._transport.run(self._registry.receive), "worker socket")
+        if self._pool is not None:
+            operations = Operations(
+                self._registry, self._scheduler, self._agents, self._models, self._pool, self._config_path
+            )
+            admin = self._pool.admin
+            self._admin_server, self.admin_port = await start_admin_server(
+                operations, admin.listen, admin.operation_timeout_s, self._admin_interceptors
+            )
+            log.info("serving the admin API on port %d (%s)", self.admin_port, admin.listen)
+        self._spawn(self._transport.run(self._receive), "worker socket")
         self._spawn(self._registry.run_heartbeats(), "heartbeats")
+        self._spawn(self._agents.run_heartbeats(), "agent heartbeats")
         self._spawn(self._follow_health(), "health")
         log.info(
             "serving gRPC on port %d (%s), workers connect to %s",
@@ -90,6 +132,13 @@ class RouterServer:
 
     def snapshot(self) -> Snapshot:
         return self._scheduler.snapshot()
+
+    def _receive(self, identity: bytes, kind: str, message: Message) -> None:
+        """A message on the ZeroMQ socket: host agents' traffic to the agents, the rest to the workers."""
+        if self._agents.handles(identity, kind):
+            self._agents.receive(identity, kind, message)
+        else:
+            self._registry.receive(identity, kind, message)
 
     async def drain(self) -> None:
         """Stop accepting calls, let open ones finish (up to drain_timeout_s), then stop."""
@@ -112,6 +161,8 @@ class RouterServer:
         if self._stopped:
             return
         self._stopped = True
+        if self._admin_server is not None:
+            await self._admin_server.stop(STOP_GRACE_S)
         if self._server is not None:
             await self._server.stop(STOP_GRACE_S)
         for task in self._tasks:
@@ -134,7 +185,9 @@ class RouterServer:
                 ("grpc.so_reuseport", 0),  # a second router on the same port must fail, not share it
             ]
         )
-        servicer = InferenceServicer(self._scheduler, self._limits, lambda: self._draining, self.metrics)
+        servicer = InferenceServicer(
+            self._scheduler, self._limits, lambda: self._draining, self.metrics, self._models
+        )
         _add_inference_service(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(

@@ -91,6 +91,7 @@ def pool_config(settings: Settings) -> dict:
             "liveness": 5,
             "drain_timeout_s": 5.0,
         },
+        "admin": {"listen": f"127.0.0.1:{free_port()}"},
         "model": {
             "name": "paced-soak",
             "engine": "paced",
