@@ -345,7 +345,7 @@ class Supervisor:
                 reply.changes.append(
                     f"device {device}: added, {placement.workers} workers of {placement.model.name}"
                 )
-                slot = self._slots[device] = DeviceSlot(device, placement.model, 0)
+                slot = self._slots[device] = DeviceSlot(device, placement.model, placement.workers)
             reply.changes.extend(_slot_changes(slot, placement))
             slot.model, slot.target = placement.model, placement.workers
         self._config = config

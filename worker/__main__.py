@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
             served = ", ".join(served.name for served in config.served_models)
             print(f"worker: --model {args.model!r} is not in the config (it has: {served})", file=sys.stderr)
             return 2
-        config = dataclasses.replace(config, model=model)
+        config = dataclasses.replace(config, model=model, models=())  # this worker's model only
     device_id = config.workers.devices[0] if args.dev_id is None else args.dev_id
     worker_id = args.worker_id or f"{socket.gethostname()}-dev{device_id}-w{args.index}-{os.getpid()}"
     if not 0 < len(worker_id.encode()) <= _MAX_ROUTING_ID_BYTES:
