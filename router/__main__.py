@@ -2,7 +2,8 @@
 
 SIGTERM or SIGINT starts a graceful drain (health NOT_SERVING, new calls UNAVAILABLE, open calls
 finish up to router.drain_timeout_s), then the process exits 0. It exits 1 if the config is bad,
-an address cannot be bound, or one of the router's loops dies.
+an address cannot be bound, or one of the router's loops dies. SIGHUP re-reads the config file's
+models (which one is the default); the admin API's reload does that and the host agents' part.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from router.validation import RequestLimits
 
 
 def main() -> int:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the handler is in place: a reload must not kill it
     args = _parse_args()
     logging.basicConfig(
         level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -61,6 +63,7 @@ async def _serve(config: PoolConfig, config_path: Path | None) -> int:
     logging.getLogger("router").info("event loop: %s", type(loop).__module__.split(".")[0])
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop_requested.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_config)
     stopped = asyncio.create_task(stop_requested.wait())
     failed = asyncio.create_task(server.failed.wait())
     await asyncio.wait((stopped, failed), return_when=asyncio.FIRST_COMPLETED)

@@ -270,21 +270,7 @@ class Operations:
     async def reload(self, timeout_s: float) -> tuple[list[str], list[str]]:
         """Re-read the router's file and have every host agent re-read its own; (changes, not_live)."""
         deadline = time.monotonic() + timeout_s
-        changes: list[str] = []
-        not_live: list[str] = []
-        if self._config_path is not None:
-            try:
-                config = load_config(self._config_path)
-            except ConfigError as error:
-                raise OperationError(
-                    Refusal.INVALID, f"config {self._config_path}: {error}; nothing was changed"
-                ) from None
-            not_live += restart_only_changes(self._config, config)
-            names = [model.name for model in config.served_models]
-            if names != [model.name for model in self._config.served_models]:
-                changes.append(f"router: models {', '.join(names)} (default {names[0]})")
-            self._models.configure(names, listed=bool(config.models))
-            self._config = config
+        changes, not_live = self.reload_router_config()
         agents = [agent for agent in self._agents.agents() if not agent.lost]
         replies = await asyncio.gather(
             *(
@@ -310,6 +296,25 @@ class Operations:
                 )
             ),
         )
+        return changes, not_live
+
+    def reload_router_config(self) -> tuple[list[str], list[str]]:
+        """Re-read the router's own file (its models and default; the rest needs a restart)."""
+        if self._config_path is None:
+            return [], []
+        try:
+            config = load_config(self._config_path)
+        except ConfigError as error:
+            raise OperationError(
+                Refusal.INVALID, f"config {self._config_path}: {error}; nothing was changed"
+            ) from None
+        changes = []
+        names = [model.name for model in config.served_models]
+        if names != [model.name for model in self._config.served_models]:
+            changes.append(f"router: models {', '.join(names)} (default {names[0]})")
+        self._models.configure(names, listed=bool(config.models))
+        not_live = restart_only_changes(self._config, config)
+        self._config = config
         return changes, not_live
 
     # -- shared ----------------------------------------------------------------------------------

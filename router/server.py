@@ -30,7 +30,7 @@ from router.admin import start_admin_server
 from router.agents import AgentRegistry
 from router.metrics import PoolMetrics
 from router.models import ServedModels
-from router.operations import Operations
+from router.operations import OperationError, Operations
 from router.scheduler import Scheduler, Snapshot
 from router.service import InferenceServicer
 from router.transport import Transport
@@ -111,7 +111,7 @@ class RouterServer:
         self.grpc_port = _bind(self._server, config.listen)
         await self._server.start()
         if self._pool is not None:
-            operations = Operations(
+            self._operations = operations = Operations(
                 self._registry, self._scheduler, self._agents, self._models, self._pool, self._config_path
             )
             admin = self._pool.admin
@@ -132,6 +132,19 @@ class RouterServer:
 
     def snapshot(self) -> Snapshot:
         return self._scheduler.snapshot()
+
+    def reload_config(self) -> None:
+        """SIGHUP: re-read the config file for the router's own part (models, default model)."""
+        if self._pool is None:
+            return
+        try:
+            changes, not_live = self._operations.reload_router_config()
+        except OperationError as error:
+            log.error("reload refused: %s", error.message)
+            return
+        for setting in not_live:
+            log.warning("reload: not applied, %s", setting)
+        log.info("reload: %s", "; ".join(changes) or "nothing changed for the router")
 
     def _receive(self, identity: bytes, kind: str, message: Message) -> None:
         """A message on the ZeroMQ socket: host agents' traffic to the agents, the rest to the workers."""

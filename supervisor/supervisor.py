@@ -208,6 +208,8 @@ class Supervisor:
                 if self._reload_requested:
                     self._reload_requested = False
                     self._log_reload(self._reload())
+                    if self._router and self._router.running:
+                        _send(self._router, signal.SIGHUP)  # its own part: the models, the default
                 self._agent.poll(_TICK_S)
             log.info("%s: stopping the pool", signal.Signals(self._signals[0]).name)
             self._stop()

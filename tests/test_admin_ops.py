@@ -201,6 +201,7 @@ def test_sighup_applies_a_changed_per_device_and_an_invalid_file_changes_nothing
         _rewrite(config.path, raw, workers={**raw["workers"], "per_device": 2})
         pool.supervisor.signal(signal.SIGHUP)
         pool.supervisor.wait_for_log(r"reload: device 0: 1 -> 2 workers; device 1: 1 -> 2 workers")
+        pool.supervisor.wait_for_log(r"router.server: reload: nothing changed for the router")
         wait_until(
             lambda: all(len(workers_on(admin.status(), device)) == 2 for device in ("0", "1")),
             "two workers on each device",
