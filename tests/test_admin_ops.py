@@ -21,15 +21,19 @@ import grpc
 import psutil
 import pytest
 import yaml
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from protos import inference_pb2
+from protos import admin_pb2, inference_pb2
 from tests.harness import (
     REPO,
     ConfigFile,
     ManagedProcess,
     Pool,
     free_port,
+    health_status,
     inference_stub,
+    open_channel,
     start_pool,
     wait_until,
     write_config,
@@ -187,6 +191,31 @@ def test_poolctl_status_json_and_its_refusals(procs, tmp_path):
     assert no_model.returncode == 3 and "unknown model 'nope'; served models: paced-test" in no_model.stderr
     nothing_there = poolctl(f"127.0.0.1:{free_port()}", "--timeout", "5", "status")
     assert nothing_there.returncode == 1 and "UNAVAILABLE" in nothing_there.stderr
+
+
+def test_the_admin_api_has_its_own_port_with_health_and_reflection(procs, tmp_path):
+    config = write_config(tmp_path, paced_pool([0]))
+    _, admin = started(procs, config)
+    assert health_status(config.admin_address) == health_pb2.HealthCheckResponse.SERVING
+    assert admin_services(config.admin_address) == {
+        "pool.admin.PoolAdmin",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    }
+    assert "pool.admin.PoolAdmin" not in admin_services(config.grpc_address)  # not on the public port
+    with pytest.raises(grpc.RpcError) as refused:
+        admin.stub.Scale(admin_pb2.ScaleRequest(workers=1), timeout=30)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.details() == "scale needs a device_id or a model"
+
+
+def admin_services(address: str) -> set[str]:
+    with open_channel(address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        (answer,) = stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        )
+    return {service.name for service in answer.list_services_response.service}
 
 
 # ---- reload
