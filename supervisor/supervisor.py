@@ -172,7 +172,10 @@ class Supervisor:
         child = self._child(
             f"worker dev{device}-w{index}",
             ["-m", "worker", "--config", self._path, "--dev-id", str(device), "--index", str(index)]
-            + ["--model", slot.model.name, "--cpu-slot", str(cpu_slot)]
+            + ["--cpu-slot", str(cpu_slot)]
+            # With one `model:` the worker serves whatever the file says when it (re)starts, as it always
+            # did (an operator may fix the model of a crash-looping worker in place).
+            + (["--model", slot.model.name] if self._config.models else [])
             + (["--router", self._remote_router] if self._remote_router else []),
             reports_restarts=True,
             DEV_ID=str(device),
