@@ -138,6 +138,24 @@ def test_a_second_supervisor_obeys_scale_for_its_own_devices(procs, tmp_path):
     assert_retired(other, leaving - staying)
 
 
+def test_the_host_agent_registers_again_with_a_restarted_router(procs, tmp_path):
+    config = write_config(tmp_path, paced_pool([0]))
+    pool, admin = started(procs, config)
+    router = pool.router_process()
+    assert router is not None
+    router.kill()
+    pool.supervisor.wait_for_log(r"router \(pid \d+\) was killed by SIGKILL")
+
+    def agent_back() -> bool:
+        try:
+            return any(agent.state == "connected" for agent in admin.status().agents)
+        except grpc.RpcError:
+            return False  # the new router is not listening yet
+
+    wait_until(agent_back, "the host agent registered with the new router")
+    assert len(workers_on(admin.scale("0", 2).status, "0")) == 2
+
+
 # ---- cordon, drain
 
 

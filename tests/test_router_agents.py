@@ -174,3 +174,22 @@ async def test_each_model_has_its_queue_and_its_workers():
             router.stub.Complete(request("x"), metadata=(("x-model", "gamma"),)), grpc.StatusCode.NOT_FOUND
         )
         assert details == "model 'gamma' is not served here; served models: alpha, beta"
+        served = {
+            "grpc_method": "StreamComplete",
+            "grpc_code": "OK",
+            "finish_reason": "stop",
+            "model": "alpha",
+        }
+        metrics = router.server.metrics.registry
+        await eventually(lambda: metrics.get_sample_value("bm_pool_requests_total", served) == 1)
+
+
+@async_test
+async def test_an_agent_of_another_protocol_version_is_refused_clearly():
+    async with router_with_admin() as (router, admin), unregistered_worker(router.endpoint, "agent") as agent:
+        agent.send(worker_pb2.AgentHello(protocol_version=1, agent_id="old", host=HOST, pid=9))
+        refusal = await agent.next("disconnect")
+        assert refusal.reason == (
+            f"protocol version 1 is not supported: this router speaks version {wire.PROTOCOL_VERSION}"
+        )
+        assert not (await admin.Status(admin_pb2.StatusRequest())).agents
