@@ -174,23 +174,11 @@ class Operations:
         self._require_device(device)
         deadline = time.monotonic() + timeout_s
         before = len(self._active_on(device))
-        agent = self._agents.owner_of(device)
-        if agent is None:
-            await self._scale_without_agent(device, count)
-        else:
-            model = agent.devices[device].model
-            command = worker_pb2.AgentCommand(
-                set_workers=worker_pb2.DeviceTarget(device_id=device, model=model, workers=count)
-            )
-            await self._command(agent, command, deadline)
+        await self._set_workers(device, count, deadline)
         if count > 0 and device in self._drained:
             self._drained.discard(device)
             self._workers.uncordon(device)
-        await self._until(
-            lambda: self._settled(device),
-            deadline,
-            lambda: f"device {device}: {self._progress(device)} after {timeout_s:g} s",
-        )
+        await self._until_settled(lambda: [device], deadline, timeout_s)
         if before == count:
             return f"device {device} already has {count} workers"
         return f"device {device}: {before} -> {count} workers"
@@ -213,7 +201,20 @@ class Operations:
         answers = await asyncio.gather(*(self.scale_device(device, count, timeout_s) for device in devices))
         return "; ".join(answers)
 
-    async def _scale_without_agent(self, device: str, count: int) -> None:
+    async def _set_workers(self, device: str, count: int, deadline: float) -> None:
+        """Have the device's host agent keep `count` workers there (it asks the router to retire the
+        surplus); without an agent, retire the surplus directly."""
+        agent = self._agents.owner_of(device)
+        if agent is None:
+            self._retire_without_agent(device, count)
+            return
+        model = agent.devices[device].model
+        command = worker_pb2.AgentCommand(
+            set_workers=worker_pb2.DeviceTarget(device_id=device, model=model, workers=count)
+        )
+        await self._command(agent, command, deadline)
+
+    def _retire_without_agent(self, device: str, count: int) -> None:
         """Workers started by hand: the router can retire some, nobody can start more."""
         active = self._active_on(device)
         if count > len(active):
@@ -233,15 +234,7 @@ class Operations:
         deadline = time.monotonic() + timeout_s
         self._workers.cordon(device)
         self._drained.add(device)
-        agent = self._agents.owner_of(device)
-        if agent is None:
-            await self._scale_without_agent(device, 0)
-        else:
-            target = agent.devices[device]
-            command = worker_pb2.AgentCommand(
-                set_workers=worker_pb2.DeviceTarget(device_id=device, model=target.model, workers=0)
-            )
-            await self._command(agent, command, deadline)
+        await self._set_workers(device, 0, deadline)
         last: tuple[int, int] | None = None
         while True:
             left = self._live_on(device)
@@ -278,23 +271,12 @@ class Operations:
                 for agent in agents
             )
         )
+        routers_own = set(not_live)  # an agent on the router's host reads the same file
         for agent, reply in zip(agents, replies, strict=True):
             changes += [f"{agent.agent_id}: {change}" for change in reply.changes]
-            not_live += [
-                f"{agent.agent_id}: {setting}" for setting in reply.not_live if setting not in not_live
-            ]
-        await self._until(
-            lambda: all(self._settled(device) for agent in agents for device in agent.devices),
-            deadline,
-            lambda: (
-                "reload applied, but not every device reached its new workers in time: "
-                + "; ".join(
-                    f"device {d}: {self._progress(d)}"
-                    for a in agents
-                    for d in a.devices
-                    if not self._settled(d)
-                )
-            ),
+            not_live += [f"{agent.agent_id}: {item}" for item in reply.not_live if item not in routers_own]
+        await self._until_settled(
+            lambda: [device for agent in agents for device in agent.devices], deadline, timeout_s
         )
         return changes, not_live
 
@@ -367,9 +349,12 @@ class Operations:
         wanted = agent.devices[device].workers if agent and device in agent.devices else "?"
         return f"{len(live) - leaving} of {wanted} workers registered, {leaving} still leaving"
 
-    @staticmethod
-    async def _until(condition: Callable[[], bool], deadline: float, progress: Callable[[], str]) -> None:
-        while not condition():
+    async def _until_settled(
+        self, devices: Callable[[], list[str]], deadline: float, timeout_s: float
+    ) -> None:
+        """Wait until every device runs what its agent keeps there; else TIMEOUT saying how far it got."""
+        while not all(self._settled(device) for device in devices()):
             if time.monotonic() > deadline:
-                raise OperationError(Refusal.TIMEOUT, progress())
+                behind = [f"device {d}: {self._progress(d)}" for d in devices() if not self._settled(d)]
+                raise OperationError(Refusal.TIMEOUT, f"not done after {timeout_s:g} s: {'; '.join(behind)}")
             await asyncio.sleep(POLL_S)

@@ -252,6 +252,15 @@ class Supervisor:
         wanted = model_settings(slot.model)
         staying = [child for child in slot.children if not child.retiring]
         stale = [child for child in staying if child.model != wanted]
+        current = [child for child in staying if child.model == wanted]
+        # A worker waiting for its (re)start, e.g. held back in a crash loop, runs nothing: it goes at once.
+        unstarted = [c for c in stale if c.restart_at is not None]
+        unstarted += [c for c in current if c.restart_at is not None][: max(0, len(current) - slot.target)]
+        for child in unstarted:
+            log.info("%s: not started again (scaled down)", child.name)
+            slot.children.remove(child)
+            staying.remove(child)
+        stale = [child for child in staying if child.model != wanted]
         excess = len(stale) + max(0, len(staying) - len(stale) - slot.target)
         if excess:
             if now - slot.retire_asked_at >= self._config.router.heartbeat_interval_s:

@@ -358,6 +358,26 @@ def test_two_models_at_once_and_moving_a_device_to_the_other_model(procs, tmp_pa
     assert {call.worker_id for call in load_b.served()} <= b_workers | new_b
 
 
+def test_a_scale_up_that_cannot_finish_says_how_far_it_got_and_a_scale_down_stops_it(procs, tmp_path):
+    broken = {"name": "broken", "engine": "numpy", "path": str(tmp_path / "missing.gguf"), "devices": [4]}
+    config = models_config(tmp_path, [paced_model("paced-a", [0], 8), {**broken, "per_device": 0}])
+    raw = {**config.raw, "admin": {**config.raw["admin"], "operation_timeout_s": 3.0}}
+    config.path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    pool, admin = started(procs, config, workers=1)
+    with pytest.raises(grpc.RpcError) as late:
+        admin.scale("4", 1)
+    assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert late.value.details() == (
+        "not done after 3 s: device 4: 0 of 1 workers registered, 0 still leaving"
+    )
+    pool.supervisor.wait_for_log(r"cannot load the numpy engine from .*missing.gguf")
+    starting = [w for w in admin.status().workers if w.device_id == "4"]
+    assert [w.state for w in starting] in ([], ["starting"])  # between restarts, or loading
+    assert admin.scale("4", 0).message == "device 4 already has 0 workers"
+    pool.supervisor.wait_for_log(r"worker dev4-w0: not started again \(scaled down\)")
+    wait_until(lambda: not [w for w in admin.status().workers if w.device_id == "4"], "device 4 empty")
+
+
 def _request(prompt: str, model: str) -> inference_pb2.CompletionRequest:
     return inference_pb2.CompletionRequest(
         history=[inference_pb2.ChatMessage(role=1, content=prompt)], model=model
