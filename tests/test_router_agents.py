@@ -168,6 +168,16 @@ async def test_each_model_has_its_queue_and_its_workers():
         await alpha.serve(generate, ["done"])
         await read_all(call)
         assert (await alpha.next_generate()).history[0].content == "two"
+        status = await admin.Status(admin_pb2.StatusRequest())
+        (a1,) = [worker for worker in status.workers if worker.worker_id == "a1"]
+        assert (a1.requests_served, a1.tokens_served, a1.state, a1.model, a1.device_id) == (
+            1,
+            1,
+            "busy",
+            "alpha",
+            "0",
+        )
+        assert a1.request_id and a1.host == HOST and a1.pid == 11 and a1.uptime_s > 0
         for pending in (second, by_field, by_metadata):
             pending.cancel()
         details = await expect_status(
