@@ -119,13 +119,10 @@ async def _now(operation: Callable[[], str]) -> str:
     return operation()
 
 
-async def start_admin_server(
-    operations: Operations,
-    listen: str,
-    timeout_s: float,
-    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
-) -> tuple[grpc.aio.Server, int]:
-    """Serve PoolAdmin, health and reflection on `listen`; returns the server and its port."""
+async def build_admin_server(
+    operations: Operations, timeout_s: float, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+) -> grpc.aio.Server:
+    """A gRPC server with PoolAdmin, health (SERVING) and reflection; the caller binds and starts it."""
     server = grpc.aio.server(interceptors=list(interceptors), options=[("grpc.so_reuseport", 0)])
     admin_pb2_grpc.add_PoolAdminServicer_to_server(AdminServicer(operations, timeout_s), server)
     health = health_aio.HealthServicer()
@@ -134,13 +131,6 @@ async def start_admin_server(
         (ADMIN_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    try:
-        port = server.add_insecure_port(listen)
-    except RuntimeError as error:
-        raise OSError(f"cannot listen for the admin API on {listen}: {error}") from error
-    if port == 0:
-        raise OSError(f"cannot listen for the admin API on {listen}")
-    await server.start()
     for service in ("", ADMIN_SERVICE):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
-    return server, port
+    return server

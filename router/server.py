@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from common.config import PoolConfig, RouterConfig
 from protos import inference_pb2
-from router.admin import start_admin_server
+from router.admin import build_admin_server
 from router.agents import AgentRegistry
 from router.metrics import PoolMetrics
 from router.models import ServedModels
@@ -108,16 +108,18 @@ class RouterServer:
         self._health = health_aio.HealthServicer()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self._server = self._build_grpc_server()
-        self.grpc_port = _bind(self._server, config.listen)
+        self.grpc_port = _bind(self._server, config.listen, "gRPC")
         await self._server.start()
         if self._pool is not None:
             self._operations = operations = Operations(
                 self._registry, self._scheduler, self._agents, self._models, self._pool, self._config_path
             )
             admin = self._pool.admin
-            self._admin_server, self.admin_port = await start_admin_server(
-                operations, admin.listen, admin.operation_timeout_s, self._admin_interceptors
+            self._admin_server = await build_admin_server(
+                operations, admin.operation_timeout_s, self._admin_interceptors
             )
+            self.admin_port = _bind(self._admin_server, admin.listen, "the admin API")
+            await self._admin_server.start()
             log.info("serving the admin API on port %d (%s)", self.admin_port, admin.listen)
         self._spawn(self._transport.run(self._receive), "worker socket")
         self._spawn(self._registry.run_heartbeats(), "heartbeats")
@@ -256,11 +258,12 @@ def _add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server)
     server.add_registered_method_handlers(INFERENCE_SERVICE, handlers)
 
 
-def _bind(server: grpc.aio.Server, address: str) -> int:
+def _bind(server: grpc.aio.Server, address: str, what: str) -> int:
+    """Bind one of the router's gRPC servers (the public one, the admin API); returns the port."""
     try:
         port = server.add_insecure_port(address)
     except RuntimeError as error:
-        raise OSError(f"cannot listen for gRPC on {address}: {error}") from error
+        raise OSError(f"cannot listen for {what} on {address}: {error}") from error
     if port == 0:
-        raise OSError(f"cannot listen for gRPC on {address}")
+        raise OSError(f"cannot listen for {what} on {address}")
     return port

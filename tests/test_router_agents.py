@@ -203,3 +203,19 @@ async def test_an_agent_of_another_protocol_version_is_refused_clearly():
             f"protocol version 1 is not supported: this router speaks version {wire.PROTOCOL_VERSION}"
         )
         assert not (await admin.Status(admin_pb2.StatusRequest())).agents
+
+
+@async_test
+async def test_a_second_router_on_the_same_admin_address_fails_to_start_saying_why():
+    async with router_with_admin() as (router, _):
+        address = f"127.0.0.1:{router.server.admin_port}"
+        second = RouterServer(
+            router_config(), RequestLimits(1 << 20, 512), pool=PoolConfig(admin=AdminConfig(listen=address))
+        )
+        try:
+            await second.start()
+        except OSError as error:
+            assert str(error).startswith(f"cannot listen for the admin API on {address}")
+        else:
+            await second.stop()
+            raise AssertionError("a second router bound the same admin address")
