@@ -75,7 +75,9 @@ def _run(stub: admin_pb2_grpc.PoolAdminStub, args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(_as_dict(reply), indent=2))
         else:
-            for change in reply.changes or ["nothing changed"]:
+            if not reply.changes:
+                print("nothing changed")
+            for change in reply.changes:
                 print(f"changed: {change}")
             for setting in reply.not_live:
                 print(f"NOT applied (restart needed): {setting}")

@@ -38,7 +38,7 @@ from tests.harness import (
     wait_until,
     write_config,
 )
-from tests.steady_load import Admin, SteadyLoad, workers_on
+from tests.steady_load import Admin, SteadyLoad, expected_text, workers_on
 
 TOKENS = 8
 PACE = {"tokens_per_second": 40.0, "first_token_delay_s": 0.05, "tokens_per_request": TOKENS, "echo": True}
@@ -113,6 +113,23 @@ def test_scaling_a_device_1_3_1_0_2_under_load_never_cuts_a_stream(procs, tmp_pa
         load.stop()
     assert load.problems() == []
     assert len(load.served()) >= 20
+
+
+def test_a_busy_worker_scaled_away_finishes_its_stream_then_leaves(procs, tmp_path):
+    slow = {"model": {"paced": {**PACE, "tokens_per_request": 40}}, "workers": {"devices": [0]}}
+    config = write_config(tmp_path, slow)
+    pool, admin = started(procs, config)
+    (worker,) = workers_on(admin.status(), "0")
+    prompt = "finish this one"
+    stream = inference_stub(pool.channel).StreamComplete(_request(prompt, "paced-test"), timeout=60)
+    frames = [next(stream)]  # the worker is busy with it now
+    reply = admin.scale("0", 0)  # returns once the worker has left: after the stream's end
+    assert workers_on(reply.status, "0") == []
+    frames += list(stream)
+    assert "".join(frame.output_text for frame in frames) == expected_text(prompt, 40)
+    assert [frame.finished for frame in frames].count(True) == 1 and frames[-1].finished
+    assert_retired(pool.supervisor, {worker.pid})
+    pool.supervisor.wait_for_log(rf"worker {worker.worker_id}: told to retire")
 
 
 def test_a_second_supervisor_obeys_scale_for_its_own_devices(procs, tmp_path):
@@ -202,6 +219,10 @@ def test_poolctl_status_json_and_its_refusals(procs, tmp_path):
     table = poolctl(config.admin_address, "status")
     assert "WORKER" in table.stdout and worker["worker_id"] in table.stdout
 
+    same = poolctl(config.admin_address, "scale", "0", "1")
+    assert (same.returncode, same.stdout) == (0, "device 0 already has 1 workers\n")
+    reloaded = poolctl(config.admin_address, "reload")
+    assert (reloaded.returncode, reloaded.stdout) == (0, "nothing changed\n")
     unknown = poolctl(config.admin_address, "scale", "7", "1")
     assert unknown.returncode == 3
     assert "NOT_FOUND: unknown device '7'; known devices: 0" in unknown.stderr
