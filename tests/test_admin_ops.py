@@ -297,9 +297,19 @@ def test_sighup_applies_a_changed_per_device_and_an_invalid_file_changes_nothing
             raw,
             workers={**raw["workers"], "per_device": 2},
             router={**raw["router"], "queue_size": 7},
+            model={**raw["model"], "paced": {**PACE, "first_token_delay_s": 0.02}},
         )
+        before = ids(workers_on(admin.status(), "0") + workers_on(admin.status(), "1"))
         reply = admin.reload()
+        replaced_at = time.monotonic()
         assert any(s.startswith("router.queue_size: 256 -> 7 (needs a restart)") for s in reply.not_live)
+        assert any(
+            "settings of model paced-test changed (its workers are replaced)" in c for c in reply.changes
+        )
+        after = ids(workers_on(reply.status, "0") + workers_on(reply.status, "1"))
+        assert len(after) == 4 and not after & before  # every worker replaced, none cut
+        wait_for_calls(load, replaced_at, 6, "after the replacement")
+        assert not served_by(load, before, replaced_at)
         load.stop()
     assert load.problems() == []
 
