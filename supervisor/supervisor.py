@@ -187,10 +187,6 @@ class Supervisor:
     def _workers(self) -> list[Child]:
         return [child for slot in self._slots.values() for child in slot.children]
 
-    @property
-    def _children(self) -> list[Child]:
-        return ([self._router] if self._router else []) + self._workers
-
     def run(self) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda received, _frame: self._signals.append(received))
