@@ -310,6 +310,17 @@ def test_sighup_applies_a_changed_per_device_and_an_invalid_file_changes_nothing
         assert len(after) == 4 and not after & before  # every worker replaced, none cut
         wait_for_calls(load, replaced_at, 6, "after the replacement")
         assert not served_by(load, before, replaced_at)
+
+        # A device removed from the file: its workers leave (finishing their requests), device 0 serves.
+        leaving = workers_on(reply.status, "1")
+        _rewrite(config.path, raw, workers={**raw["workers"], "devices": [0], "per_device": 2})
+        reply = admin.reload()
+        removed_at = time.monotonic()
+        assert "device 1: removed, its 2 workers leave" in " ".join(reply.changes)
+        assert [device.device_id for device in reply.status.devices] == ["0"]
+        assert_retired(pool.supervisor, {worker.pid for worker in leaving})
+        wait_for_calls(load, removed_at, 6, "after removing device 1")
+        assert not served_by(load, ids(leaving), removed_at)
         load.stop()
     assert load.problems() == []
 
@@ -379,13 +390,18 @@ def test_two_models_at_once_and_moving_a_device_to_the_other_model(procs, tmp_pa
             "device 1 serving paced-a",
         )
         assert not served_by(load_b, b_workers, moved_at)
+
+        scaled = admin.scale_model("paced-a", 2)  # every device of the model
+        assert [len(workers_on(scaled.status, device)) for device in ("0", "1", "2")] == [2, 2, 1]
+        a_all = a_workers | ids(workers_on(scaled.status, "0") + workers_on(scaled.status, "1"))
         for load in (load_a, load_b, load_default):
             load.stop()
     for load, model in ((load_a, "paced-a"), (load_b, "paced-b"), (load_default, "paced-a")):
         assert load.problems() == []
         assert {call.model_id for call in load.served()} == {model}
+    pool.supervisor.wait_for_log(r"router\.calls: request \S+: StreamComplete OK, model paced-b, finish stop")
     # Each model's requests went to its own workers only: before the move, and after it.
-    assert {call.worker_id for call in load_a.served()} <= a_workers | ids(workers_on(reply.status, "1"))
+    assert {call.worker_id for call in load_a.served()} <= a_all
     assert {call.worker_id for call in load_b.served()} <= b_workers | new_b
 
 
