@@ -382,7 +382,11 @@ def test_two_models_at_once_and_moving_a_device_to_the_other_model(procs, tmp_pa
         assert any("device 1: model paced-b -> paced-a" in change for change in reply.changes), reply
         assert {w.model for w in workers_on(reply.status, "1")} == {"paced-a"}
         assert {w.model for w in workers_on(reply.status, "2")} == {"paced-b"}
-        assert_retired(pool.supervisor, {w.pid for w in workers_on(status, "1")})
+        (old_b,) = workers_on(status, "1")
+        (new_a,) = workers_on(reply.status, "1")
+        assert_retired(pool.supervisor, {old_b.pid})
+        log = pool.supervisor.log()  # one chip, one bmodel: the new model's worker started after the old left
+        assert log.index(f"(pid {old_b.pid}) retired: not restarted") < log.index(f"(pid {new_a.pid})")
         new_b = ids(workers_on(reply.status, "2"))
         wait_until(lambda: served_by(load_b, new_b, moved_at), "paced-b served on device 2")
         wait_until(
