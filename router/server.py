@@ -96,7 +96,7 @@ class RouterServer:
             self._transport, self._registry, config.heartbeat_interval_s, config.liveness
         )
         configured = [model.name for model in self._pool.served_models] if self._pool else []
-        self._models = ServedModels(
+        self.models = ServedModels(  # which model a request goes to: every front asks it
             configured,
             lambda: (worker.model_id for worker in self._registry.workers()),
             listed=bool(self._pool and self._pool.models),
@@ -112,7 +112,7 @@ class RouterServer:
         await self._server.start()
         if self._pool is not None:
             self._operations = operations = Operations(
-                self._registry, self._scheduler, self._agents, self._models, self._pool, self._config_path
+                self._registry, self._scheduler, self._agents, self.models, self._pool, self._config_path
             )
             admin = self._pool.admin
             self._admin_server = await build_admin_server(
@@ -201,7 +201,7 @@ class RouterServer:
             ]
         )
         servicer = InferenceServicer(
-            self._scheduler, self._limits, lambda: self._draining, self.metrics, self._models
+            self._scheduler, self._limits, lambda: self._draining, self.metrics, self.models
         )
         _add_inference_service(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
