@@ -195,7 +195,7 @@ class WorkerRegistry:
         worker.retiring = True
         self._idle.pop(worker.identity, None)
         log.info("worker %s (device %s): retiring", worker.worker_id, worker.device_key)
-        self.send(worker, worker_pb2.Retire(reason="scaled down by the operator"))
+        self.send(worker, worker_pb2.Retire(reason="its device was scaled down, drained or reloaded"))
 
     def _dispatchable(self, worker: WorkerRecord) -> bool:
         return not worker.retiring and worker.device_key not in self._cordoned
