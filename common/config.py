@@ -259,7 +259,7 @@ class AdminConfig:
 class Placement:
     """One device of the pool: the model its workers run and how many of them."""
 
-    device_id: int
+    device_id: str  # as the pool names a device everywhere: "0" (a device group: "0,1")
     model: ModelConfig
     workers: int
 
@@ -301,7 +301,7 @@ class PoolConfig:
         """Every configured device with its model and worker count, in config order."""
         return [
             Placement(
-                device,
+                str(device),
                 model,
                 self.workers.per_device if model.per_device is None else model.per_device,
             )

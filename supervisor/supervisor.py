@@ -119,15 +119,11 @@ def _budget_problem(loads: list[tuple[ModelConfig, int]], oversubscribe: bool, c
 class DeviceSlot:
     """One device of this host: the model its workers run, how many it keeps, and their processes."""
 
-    device_id: int
+    device_id: str  # "0" (a device group: "0,1")
     model: ModelConfig
     target: int
     children: list[Child] = field(default_factory=list)
     retire_asked_at: float = -math.inf  # when the router was last asked to retire some of them
-
-    @property
-    def key(self) -> str:
-        return str(self.device_id)
 
 
 class Supervisor:
@@ -171,14 +167,14 @@ class Supervisor:
         cpu_slot = min(set(range(len(taken) + 1)) - taken)
         child = self._child(
             f"worker dev{device}-w{index}",
-            ["-m", "worker", "--config", self._path, "--dev-id", str(device), "--index", str(index)]
+            ["-m", "worker", "--config", self._path, "--dev-id", device, "--index", str(index)]
             + ["--cpu-slot", str(cpu_slot)]
             # With one `model:` the worker serves whatever the file says when it (re)starts, as it always
             # did (an operator may fix the model of a crash-looping worker in place).
             + (["--model", slot.model.name] if self._config.models else [])
             + (["--router", self._remote_router] if self._remote_router else []),
             reports_restarts=True,
-            DEV_ID=str(device),
+            DEV_ID=device,
         )
         child.index, child.cpu_slot, child.model = index, cpu_slot, model_settings(slot.model)
         return child
@@ -261,7 +257,7 @@ class Supervisor:
         if excess:
             if now - slot.retire_asked_at >= self._config.router.heartbeat_interval_s:
                 slot.retire_asked_at = now
-                self._agent.ask_retire(slot.key, excess)
+                self._agent.ask_retire(slot.device_id, excess)
             return
         if any(child.model != wanted for child in slot.children):
             return  # old-model workers are still finishing their requests
@@ -283,20 +279,28 @@ class Supervisor:
         return reply
 
     def _set_workers(self, target: pb.DeviceTarget) -> pb.AgentReply:
-        slot = next((slot for slot in self._slots.values() if slot.key == target.device_id), None)
+        slot = self._slots.get(target.device_id)
         if slot is None:
             return pb.AgentReply(error=f"device {target.device_id} is not on this host")
         if target.model != slot.model.name:
-            return pb.AgentReply(error=f"device {slot.key} runs model {slot.model.name}, not {target.model}")
+            return pb.AgentReply(
+                error=f"device {slot.device_id} runs model {slot.model.name}, not {target.model}"
+            )
         loads = [
             (other.model, target.workers if other is slot else other.target) for other in self._slots.values()
         ]
         problem = _budget_problem(loads, self._config.workers.allow_cpu_oversubscription, self._cores)
         if problem and target.workers > slot.target:
-            return pb.AgentReply(error=f"refusing to scale device {slot.key} to {target.workers}: {problem}")
+            return pb.AgentReply(
+                error=f"refusing to scale device {slot.device_id} to {target.workers}: {problem}"
+            )
         if slot.target != target.workers:
             log.info(
-                "device %s: %d -> %d workers of %s", slot.key, slot.target, target.workers, slot.model.name
+                "device %s: %d -> %d workers of %s",
+                slot.device_id,
+                slot.target,
+                target.workers,
+                slot.model.name,
             )
             slot.target = target.workers
         self._fit(slot, time.monotonic())
@@ -315,12 +319,12 @@ class Supervisor:
     def _state(self) -> pb.AgentState:
         return pb.AgentState(
             devices=[
-                pb.DeviceTarget(device_id=s.key, model=s.model.name, workers=s.target)
+                pb.DeviceTarget(device_id=s.device_id, model=s.model.name, workers=s.target)
                 for s in self._slots.values()
             ],
             workers=[
                 pb.AgentWorker(
-                    device_id=slot.key,
+                    device_id=slot.device_id,
                     model=child.model.name,
                     pid=child.process.pid,
                     restarts=max(child.starts - 1, 0),
@@ -373,7 +377,7 @@ class Supervisor:
             log.warning("reload: not applied, %s", setting)
         log.info("reload: %s", "; ".join(reply.changes) or "nothing to change")
 
-    def _configured_devices(self) -> set[int]:
+    def _configured_devices(self) -> set[str]:
         return {placement.device_id for placement in self._config.placements()}
 
     # ---- processes

@@ -29,10 +29,10 @@ models:
     assert config.model.name == "qwen"  # the first is the default
     assert [model.name for model in config.served_models] == ["qwen", "llama"]
     assert [(p.device_id, p.model.name, p.workers) for p in config.placements()] == [
-        (0, "qwen", 2),
-        (1, "qwen", 2),
-        (2, "llama", 1),
-        (3, "llama", 1),
+        ("0", "qwen", 2),
+        ("1", "qwen", 2),
+        ("2", "llama", 1),
+        ("3", "llama", 1),
     ]
     assert config.model_named("llama").defaults.temperature == 0.0
     assert config.model_named("gpt") is None
@@ -40,7 +40,7 @@ models:
 
 def test_the_single_model_form_still_works(tmp_path):
     config = load(tmp_path, "model: {name: one, engine: paced}\nworkers: {devices: [4]}\n")
-    assert [(p.device_id, p.model.name, p.workers) for p in config.placements()] == [(4, "one", 1)]
+    assert [(p.device_id, p.model.name, p.workers) for p in config.placements()] == [("4", "one", 1)]
 
 
 @pytest.mark.parametrize(
