@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from protos import admin_pb2, inference_pb2
+from tests.admin_client import Admin, workers_on
 from tests.harness import (
     REPO,
     ConfigFile,
@@ -38,7 +39,7 @@ from tests.harness import (
     wait_until,
     write_config,
 )
-from tests.steady_load import Admin, SteadyLoad, expected_text, workers_on
+from tests.steady_load import SteadyLoad, expected_text
 
 TOKENS = 8
 PACE = {"tokens_per_second": 40.0, "first_token_delay_s": 0.05, "tokens_per_request": TOKENS, "echo": True}
