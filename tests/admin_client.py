@@ -30,14 +30,8 @@ class Admin:
     def uncordon(self, device: str) -> admin_pb2.OperationReply:
         return self.stub.Uncordon(admin_pb2.DeviceRequest(device_id=device), timeout=30)
 
-    def drain(self, device: str) -> list[admin_pb2.DrainProgress]:
-        return list(self.stub.Drain(admin_pb2.DeviceRequest(device_id=device), timeout=120))
-
     def reload(self) -> admin_pb2.ReloadReply:
         return self.stub.Reload(admin_pb2.ReloadRequest(), timeout=120)
-
-    def close(self) -> None:
-        self.channel.close()
 
 
 def workers_on(
