@@ -59,7 +59,6 @@ class Operations:
         self._config = config
         self._config_path = config_path
         self._drained: set[str] = set()  # cordoned by a drain: a scale-up brings them back
-        self._started_at = time.monotonic()
 
     # -- status ----------------------------------------------------------------------------------
 
