@@ -8,13 +8,19 @@ already changes nothing and says so).
 Who does what: the router decides which worker runs what (cordons, which workers retire: idle
 ones first); the host agent of a device (its supervisor, router/agents.py) starts and stops the
 processes and checks the CPU core budget. A device is a string id: "0", or "0,1" for a group.
+
+Changes to one device (scale, drain) run one at a time, in the order asked, and a reload waits for
+them (and they for it): two operators asking for 3 and for 1 workers both get an answer, each once
+its own change took effect, and the device ends as the later one asked.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import time
+from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -59,6 +65,8 @@ class Operations:
         self._config = config
         self._config_path = config_path
         self._drained: set[str] = set()  # cordoned by a drain: a scale-up brings them back
+        self._device_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._reload_lock = asyncio.Lock()
 
     # -- status ----------------------------------------------------------------------------------
 
@@ -172,12 +180,13 @@ class Operations:
     async def scale_device(self, device: str, count: int, timeout_s: float) -> str:
         self._require_device(device)
         deadline = time.monotonic() + timeout_s
-        before = len(self._active_on(device))
-        await self._set_workers(device, count, deadline)
-        if count > 0 and device in self._drained:
-            self._drained.discard(device)
-            self._workers.uncordon(device)
-        await self._until_settled(lambda: [device], deadline, timeout_s)
+        async with self._device_locks[device]:
+            before = len(self._active_on(device))
+            await self._set_workers(device, count, deadline)
+            if count > 0 and device in self._drained:
+                self._drained.discard(device)
+                self._workers.uncordon(device)
+            await self._until_settled(lambda: [device], deadline, timeout_s)
         if before == count:
             return f"device {device} already has {count} workers"
         return f"device {device}: {before} -> {count} workers"
@@ -231,9 +240,17 @@ class Operations:
         """Cordon the device, then stop its workers once idle; one progress frame per change."""
         self._require_device(device)
         deadline = time.monotonic() + timeout_s
-        self._workers.cordon(device)
-        self._drained.add(device)
-        await self._set_workers(device, 0, deadline)
+        async with self._device_locks[device]:
+            self._workers.cordon(device)
+            self._drained.add(device)
+            await self._set_workers(device, 0, deadline)
+            async for progress in self._drain_progress(device, deadline, timeout_s):
+                yield progress
+
+    async def _drain_progress(
+        self, device: str, deadline: float, timeout_s: float
+    ) -> AsyncIterator[admin_pb2.DrainProgress]:
+        """A frame whenever the device's busy or registered workers change, until none is left."""
         last: tuple[int, int] | None = None
         while True:
             left = self._live_on(device)
@@ -262,6 +279,12 @@ class Operations:
     async def reload(self, timeout_s: float) -> tuple[list[str], list[str]]:
         """Re-read the router's file and have every host agent re-read its own; (changes, not_live)."""
         deadline = time.monotonic() + timeout_s
+        async with self._reload_lock, contextlib.AsyncExitStack() as held:
+            for device in sorted(self.devices()):
+                await held.enter_async_context(self._device_locks[device])
+            return await self._reload(deadline, timeout_s)
+
+    async def _reload(self, deadline: float, timeout_s: float) -> tuple[list[str], list[str]]:
         changes, not_live = self.reload_router_config()
         agents = [agent for agent in self._agents.agents() if not agent.lost]
         replies = await asyncio.gather(

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,16 @@ def test_scaling_a_device_1_3_1_0_2_under_load_never_cuts_a_stream(procs, tmp_pa
             assert not served_by(load, ids(gone), returned)
             before = after
         assert admin.scale("0", 2).message == "device 0 already has 2 workers"
+
+        # Two operators at once: each gets its answer once its own change took effect, in turn.
+        with ThreadPoolExecutor(2) as operators:
+            answers = {reply.message for reply in operators.map(lambda n: admin.scale("0", n), (3, 1))}
+        chains = {
+            3: {"device 0: 2 -> 1 workers", "device 0: 1 -> 3 workers"},
+            1: {"device 0: 2 -> 3 workers", "device 0: 3 -> 1 workers"},
+        }
+        final = len(workers_on(admin.status(), "0"))
+        assert answers == chains[final], answers
         load.stop()
     assert load.problems() == []
     assert len(load.served()) >= 20
