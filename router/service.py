@@ -6,7 +6,7 @@ What a client gets, case by case (StreamComplete and Complete alike unless said)
   INVALID_ARGUMENT, the message names the problem
 - router draining: UNAVAILABLE
 - a model (field `model` or metadata `x-model`) the pool does not serve: NOT_FOUND, listing the
-  served ones (router/models.py)
+  served ones (router/models.py); a field and metadata that disagree: INVALID_ARGUMENT
 - queue full: RESOURCE_EXHAUSTED
 - no worker free before queue_timeout_s or the call's deadline: DEADLINE_EXCEEDED
 - the worker refuses the request (ERROR_INVALID_REQUEST): INVALID_ARGUMENT, the worker's message
