@@ -184,6 +184,13 @@ async def test_each_model_has_its_queue_and_its_workers():
             router.stub.Complete(request("x"), metadata=(("x-model", "gamma"),)), grpc.StatusCode.NOT_FOUND
         )
         assert details == "model 'gamma' is not served here; served models: alpha, beta"
+        both = inference_pb2.CompletionRequest(
+            history=[inference_pb2.ChatMessage(role=1, content="x")], model="alpha"
+        )
+        details = await expect_status(
+            router.stub.Complete(both, metadata=(("x-model", "beta"),)), grpc.StatusCode.INVALID_ARGUMENT
+        )
+        assert details == "the request names model 'alpha' but its x-model metadata says 'beta'"
         served = {
             "grpc_method": "StreamComplete",
             "grpc_code": "OK",
