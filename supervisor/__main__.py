@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from common.config import ConfigError, load_config
-from common.security import SecurityError, check_worker_link
+from common.security import CurveClient, SecurityError, check_worker_link
 from supervisor.supervisor import Supervisor, cpu_budget_problem
 
 
@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:  # refused here once, not by every worker in a restart loop
         check_worker_link(args.router or config.router.zmq_bind, config.security)
+        curve = CurveClient(config.security.curve) if config.security.curve.enabled else None
     except SecurityError as error:
         print(f"supervisor: config {args.config}: {error}", file=sys.stderr)
         return 2
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"supervisor: config {args.config}: refusing to start: {problem}", file=sys.stderr)
         return 2
-    return Supervisor(args.config, config, remote_router=args.router).run()
+    return Supervisor(args.config, config, remote_router=args.router, curve=curve).run()
 
 
 if __name__ == "__main__":

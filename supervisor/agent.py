@@ -6,6 +6,8 @@ whenever they change, answers the router's commands (AgentCommand -> AgentReply)
 callback, asks the router to retire workers for a scale-down (RetireWorkers) and hears which ones
 it chose (Retiring). Heartbeats both ways, Paranoid Pirate style: a router silent for `liveness`
 intervals is presumed gone, and the agent registers again on a fresh socket (as a worker does).
+With CURVE on the worker link, the agent connects as a CURVE client with its host's worker keypair
+(common/security.py), as that host's workers do.
 
 The supervisor's main loop calls poll() instead of sleeping, so a command is handled as soon as it
 arrives. All of it runs on that one thread.
@@ -23,6 +25,7 @@ import zmq
 from google.protobuf.message import Message
 
 from common import wire
+from common.security import CurveClient
 from protos import worker_pb2 as pb
 
 log = logging.getLogger("supervisor")
@@ -39,8 +42,10 @@ class AgentLink:
         liveness: int,
         on_command: CommandHandler,
         on_retiring: RetiringHandler,
+        curve: CurveClient | None = None,
     ) -> None:
         self._endpoint = endpoint
+        self._curve = curve
         self._interval_s = heartbeat_interval_s
         self._liveness = liveness
         self._on_command = on_command
@@ -90,6 +95,8 @@ class AgentLink:
         self._socket.setsockopt(zmq.ROUTING_ID, self.agent_id.encode())
         self._socket.setsockopt(zmq.MAXMSGSIZE, wire.MAX_FRAME_BYTES)
         self._socket.setsockopt(zmq.LINGER, 0)
+        if self._curve is not None:
+            self._curve.secure(self._socket)
         self._socket.connect(self._endpoint)
         self._registered = False
         self._hello_sent_at = None

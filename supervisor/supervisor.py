@@ -40,6 +40,7 @@ from common.config import (
     model_settings,
     restart_only_changes,
 )
+from common.security import CurveClient
 from protos import worker_pb2 as pb
 from supervisor.agent import AgentLink
 
@@ -127,8 +128,15 @@ class DeviceSlot:
 
 
 class Supervisor:
-    def __init__(self, config_path: Path, config: PoolConfig, remote_router: str | None = None) -> None:
-        """`remote_router`: run no local router; the workers connect to this ZeroMQ endpoint instead."""
+    def __init__(
+        self,
+        config_path: Path,
+        config: PoolConfig,
+        remote_router: str | None = None,
+        curve: CurveClient | None = None,
+    ) -> None:
+        """`remote_router`: run no local router; the workers connect to this ZeroMQ endpoint instead.
+        `curve`: the host's CURVE keypair for its link to the router as a host agent."""
         self._config = config
         self._config_path = config_path
         self._path = str(config_path.resolve())
@@ -149,6 +157,7 @@ class Supervisor:
             config.router.liveness,
             self._on_command,
             self._on_retiring,
+            curve,
         )
 
     def _child(self, name: str, args: list[str], reports_restarts: bool = False, **env: str) -> Child:

@@ -40,6 +40,7 @@ from tests.harness import (
     wait_until,
     write_config,
 )
+from tests.security_keys import make_curve_keypair
 from tests.steady_load import SteadyLoad, expected_text
 
 TOKENS = 8
@@ -182,6 +183,25 @@ def test_the_host_agent_registers_again_with_a_restarted_router(procs, tmp_path)
             return False  # the new router is not listening yet
 
     wait_until(agent_back, "the host agent registered with the new router")
+    assert len(workers_on(admin.scale("0", 2).status, "0")) == 2
+
+
+def test_the_host_agent_joins_a_curve_secured_worker_link(procs, tmp_path):
+    keys = tmp_path / "curve"
+    allowed = keys / "allowed"
+    allowed.mkdir(parents=True)
+    _, router_secret = make_curve_keypair(keys, "router")
+    host_public, host_secret = make_curve_keypair(keys, "host")
+    host_public.rename(allowed / "host.key")  # the host's workers and its agent share its keypair
+    curve = {
+        "enabled": True,
+        "router_secret_key": str(router_secret),
+        "allowed_workers_dir": str(allowed),
+        "worker_secret_key": str(host_secret),
+        "router_public_key": str(keys / "router.key"),
+    }
+    config = write_config(tmp_path, {**paced_pool([0]), "security": {"curve": curve}})
+    _, admin = started(procs, config)
     assert len(workers_on(admin.scale("0", 2).status, "0")) == 2
 
 
