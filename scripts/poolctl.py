@@ -3,16 +3,21 @@
     .venv/bin/python scripts/poolctl.py [--admin HOST:PORT] [--json] status
     .venv/bin/python scripts/poolctl.py scale DEVICE N        # or: scale --model NAME N
     .venv/bin/python scripts/poolctl.py cordon DEVICE | uncordon DEVICE | drain DEVICE | reload
+    BM_POOL_ADMIN_KEY=... .venv/bin/python scripts/poolctl.py --admin pool.example:18001 --ca ca.crt status
 
 Each command returns once the pool has done it. Exit 0 on success; otherwise the reason on stderr
 and a non-zero code: 2 bad usage, 3 not found (unknown device or model), 4 refused (e.g. the CPU
-core budget, an invalid config), 5 not done in time, 1 anything else (e.g. no admin API there).
+core budget, an invalid config), 5 not done in time, 6 not authenticated (no or a wrong API key),
+1 anything else (e.g. no admin API there). With TLS on the fronts (security.tls), --ca (or --tls)
+and, for mutual TLS, --cert and --key; with API keys, the key in BM_POOL_ADMIN_KEY (or
+BM_POOL_API_KEY, which scripts/chat.py reads too): never on the command line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,7 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: m
 from protos import admin_pb2, admin_pb2_grpc
 
 DEFAULT_ADMIN = "127.0.0.1:18001"
+# The key comes from the environment, so it shows in neither `ps` nor the shell's history.
+API_KEY_VARIABLES = ("BM_POOL_ADMIN_KEY", "BM_POOL_API_KEY")
 EXIT_CODES = {
+    grpc.StatusCode.UNAUTHENTICATED: 6,
+    grpc.StatusCode.PERMISSION_DENIED: 6,
     grpc.StatusCode.INVALID_ARGUMENT: 4,
     grpc.StatusCode.NOT_FOUND: 3,
     grpc.StatusCode.FAILED_PRECONDITION: 4,
@@ -48,7 +57,7 @@ WORKER_COLUMNS = (
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    with grpc.insecure_channel(args.admin) as channel:
+    with _channel(args) as channel:
         stub = admin_pb2_grpc.PoolAdminStub(channel)
         try:
             return _run(stub, args)
@@ -57,21 +66,35 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_CODES.get(error.code(), 1)
 
 
+def _channel(args: argparse.Namespace) -> grpc.Channel:
+    """Plain text, or TLS when --tls or --ca is given (--cert/--key: a client certificate for mTLS)."""
+    if not (args.tls or args.ca):
+        return grpc.insecure_channel(args.admin)
+    ca, cert, key = (Path(path).read_bytes() if path else None for path in (args.ca, args.cert, args.key))
+    return grpc.secure_channel(args.admin, grpc.ssl_channel_credentials(ca, key, cert))
+
+
+def _key_metadata() -> tuple[tuple[str, str], ...]:
+    """The API key of the environment, if any, as the metadata of every call."""
+    key = next((os.environ[name] for name in API_KEY_VARIABLES if os.environ.get(name)), None)
+    return (("authorization", f"Bearer {key}"),) if key else ()
+
+
 def _run(stub: admin_pb2_grpc.PoolAdminStub, args: argparse.Namespace) -> int:
-    timeout = args.timeout
+    options = {"timeout": args.timeout, "metadata": _key_metadata()}
     if args.command == "status":
-        _show_status(stub.Status(admin_pb2.StatusRequest(), timeout=timeout), args.json)
+        _show_status(stub.Status(admin_pb2.StatusRequest(), **options), args.json)
     elif args.command == "scale":
         target = {"model": args.model} if args.model else {"device_id": args.device}
         request = admin_pb2.ScaleRequest(workers=args.workers, **target)
-        _show_reply(stub.Scale(request, timeout=timeout), args.json)
+        _show_reply(stub.Scale(request, **options), args.json)
     elif args.command in ("cordon", "uncordon"):
         call = stub.Cordon if args.command == "cordon" else stub.Uncordon
-        _show_reply(call(admin_pb2.DeviceRequest(device_id=args.device), timeout=timeout), args.json)
+        _show_reply(call(admin_pb2.DeviceRequest(device_id=args.device), **options), args.json)
     elif args.command == "drain":
-        _follow_drain(stub.Drain(admin_pb2.DeviceRequest(device_id=args.device), timeout=timeout), args.json)
+        _follow_drain(stub.Drain(admin_pb2.DeviceRequest(device_id=args.device), **options), args.json)
     elif args.command == "reload":
-        reply = stub.Reload(admin_pb2.ReloadRequest(), timeout=timeout)
+        reply = stub.Reload(admin_pb2.ReloadRequest(), **options)
         if args.json:
             print(json.dumps(_as_dict(reply), indent=2))
         else:
@@ -164,6 +187,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--timeout", type=float, default=600.0, help="seconds to wait for the pool (default 600)"
     )
+    parser.add_argument("--tls", action="store_true", help="TLS, trusting the system's CAs")
+    parser.add_argument("--ca", help="TLS, trusting this PEM CA")
+    parser.add_argument("--cert", help="a PEM client certificate (mutual TLS), with --key")
+    parser.add_argument("--key", help="its PEM private key")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("status", help="every host agent, device and worker, and the queue per model")
     scale = commands.add_parser(

@@ -3,16 +3,20 @@ gRPC clients, and a host agent and workers emulated on real ZeroMQ sockets (test
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
+import sys
 from collections.abc import AsyncIterator
 
 import grpc
 
 from common import wire
-from common.config import AdminConfig, ModelConfig, PoolConfig
+from common.config import AdminConfig, ModelConfig, PoolConfig, SecurityConfig, TlsConfig
 from protos import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc, worker_pb2
 from router.server import RouterServer
 from router.validation import RequestLimits
+from tests.harness import REPO
 from tests.router_harness import (
     EmulatedWorker,
     RouterUnderTest,
@@ -25,6 +29,7 @@ from tests.router_harness import (
     router_config,
     unregistered_worker,
 )
+from tests.security_keys import GOOD_KEY, make_tls, write_api_keys
 
 HOST = "host-a"
 
@@ -227,3 +232,38 @@ async def test_a_second_router_on_the_same_admin_address_fails_to_start_saying_w
         else:
             await second.stop()
             raise AssertionError("a second router bound the same admin address")
+
+
+@async_test
+async def test_poolctl_speaks_tls_and_sends_the_admin_key_from_the_environment(tmp_path):
+    tls = make_tls(tmp_path / "tls")
+    security = SecurityConfig(
+        tls=TlsConfig(cert_file=str(tls.server_cert), key_file=str(tls.server_key)),
+        admin_api_keys_file=str(write_api_keys(tmp_path / "admin_keys", GOOD_KEY)),
+    )
+    pool = PoolConfig(admin=AdminConfig(listen=f"127.0.0.1:{free_port()}"))
+    server = RouterServer(router_config(), RequestLimits(1 << 20, 512), security=security, pool=pool)
+    await server.start()
+    try:
+        address = f"127.0.0.1:{server.admin_port}"
+        no_key = await poolctl(address, "--ca", str(tls.ca_cert), "--json", "status")
+        assert no_key[0] == 6 and "UNAUTHENTICATED" in no_key[2]
+        with_key = await poolctl(address, "--ca", str(tls.ca_cert), "--json", "status", key=GOOD_KEY)
+        assert with_key[:2] == (0, "[]\n")
+        plain = await poolctl(address, "--timeout", "3", "status", key=GOOD_KEY)
+        assert plain[0] == 1 and "UNAVAILABLE" in plain[2]
+    finally:
+        await server.stop()
+
+
+async def poolctl(address: str, *args: str, key: str | None = None) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of scripts/poolctl.py, run while this event loop serves the router."""
+    env = {k: v for k, v in os.environ.items() if k not in ("BM_POOL_ADMIN_KEY", "BM_POOL_API_KEY")}
+    if key is not None:
+        env["BM_POOL_ADMIN_KEY"] = key
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "scripts/poolctl.py", "--admin", address, *args,
+        cwd=REPO, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await process.communicate()
+    return process.returncode or 0, out.decode(), err.decode()
