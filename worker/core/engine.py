@@ -22,6 +22,11 @@ class Engine(Protocol):
         """
         ...
 
+    def held_prefix(self) -> tuple[int, ...]:
+        """Hashes (common/prefix_hash.py) of the conversation prefixes whose keys/values the engine
+        holds now, for the router's cache-aware dispatch; () when it holds none."""
+        ...
+
 
 def load_engine(model: ModelConfig, device_id: int) -> Engine:
     """The engine `model` configures. Backends are imported only when chosen: a paced worker needs
@@ -33,7 +38,8 @@ def load_engine(model: ModelConfig, device_id: int) -> Engine:
 
         weights, tokenizer = load_numpy_model(model.path, model.tokenizer)
         seq_len = min(model.context_size, weights.arch.max_positions)
-        return LLMEngine(NumpyGraphs(weights, seq_len), tokenizer, model.name, model.defaults)
+        graphs = NumpyGraphs(weights, seq_len)
+        return LLMEngine(graphs, tokenizer, model.name, model.defaults, model.reuse_kv)
     if model.engine == "sail":
         from worker.core.llm_engine import LLMEngine
         from worker.core.sail_graphs import SailGraphs
@@ -44,7 +50,8 @@ def load_engine(model: ModelConfig, device_id: int) -> Engine:
                 "engine sail needs model.tokenizer: a token_config folder (a bmodel has no tokenizer)"
             )
         tokenizer = load_tokenizer(model.tokenizer)
-        return LLMEngine(SailGraphs(model.path, device_id), tokenizer, model.name, model.defaults)
+        graphs = SailGraphs(model.path, device_id)
+        return LLMEngine(graphs, tokenizer, model.name, model.defaults, model.reuse_kv)
     if model.engine == "paced":
         from worker.core.paced import PacedEngine
 
