@@ -9,7 +9,7 @@ the worker's log lines carry it too, and back to the client in the initial metad
 At its end every call, admitted or refused, is counted in the metrics and logged in one line:
 
     request 4f1c2a9e0b7d3c65: StreamComplete OK, finish stop, worker w1; queue 0.002 s,
-    first token 0.705 s, total 6.981 s; prompt 23 tokens, 64 tokens
+    first token 0.705 s, total 6.981 s; prompt 23 tokens, 64 tokens; 20 prompt tokens from the KV cache
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def _log_end(call: Call, code: grpc.StatusCode) -> None:
     first_token_s = timings.time_to_first_token()
     log.info(
         "request %s: %s %s, finish %s, worker %s; queue %.3f s, first token %s, total %.3f s; "
-        "prompt %d tokens, %d tokens",
+        "prompt %d tokens, %d tokens; %d prompt tokens from the KV cache",
         call.request_id,
         call.method,
         code.name,
@@ -124,4 +124,5 @@ def _log_end(call: Call, code: grpc.StatusCode) -> None:
         total_s,
         timings.prompt_tokens,
         timings.completion_tokens,
+        timings.cached_prompt_tokens,
     )

@@ -185,7 +185,7 @@ class Scheduler:
     def _dispatch(self) -> None:
         queue, registry = self._queue, self._registry
         while queue:
-            worker = registry.take_idle()
+            worker = registry.take_idle(next(iter(queue.values())).generate)
             if worker is None:
                 return
             _, job = queue.popitem(last=False)

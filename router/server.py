@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from common.config import RouterConfig
 from protos import inference_pb2
+from router.cache_policy import CachePolicy
 from router.metrics import PoolMetrics
 from router.scheduler import Scheduler, Snapshot
 from router.service import InferenceServicer
@@ -65,8 +66,9 @@ class RouterServer:
         config = self._config
         self._transport = Transport(config.zmq_bind)
         self.zmq_endpoint = self._transport.endpoint
+        cache_policy = CachePolicy(self.metrics) if config.cache_aware else None
         self._registry = WorkerRegistry(
-            self._transport, config.heartbeat_interval_s, config.liveness, self.metrics
+            self._transport, config.heartbeat_interval_s, config.liveness, self.metrics, cache_policy
         )
         self._scheduler = Scheduler(self._registry, config.queue_size, config.queue_timeout_s, self.metrics)
         self.metrics.follow(self._scheduler.snapshot, self._registry.workers)

@@ -44,6 +44,7 @@ from typing import NoReturn
 import grpc
 
 from protos import inference_pb2, inference_pb2_grpc, worker_pb2
+from router.cache_policy import session_id
 from router.calls import Call, observed_call
 from router.job import Job, JobFailed, Update
 from router.metrics import PoolMetrics
@@ -135,6 +136,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             generate = validate(request, self._limits)
         except ValidationError as error:
             await _refuse(context, call, grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        generate.session_id, session_problem = session_id(context.invocation_metadata() or ())
+        if session_problem:
+            await _refuse(context, call, grpc.StatusCode.INVALID_ARGUMENT, session_problem)
         try:
             job = self._scheduler.submit(generate, context.time_remaining(), call.request_id)
         except QueueFull as error:

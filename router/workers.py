@@ -16,7 +16,8 @@ its own slot (the emptiest one when it registers), so a large pool costs a few s
 instead of one burst per interval that would hold up every stream on the event loop.
 
 Idle workers are kept in least-recently-used order: the one idle the longest gets the next job,
-which spreads load and heat evenly over the devices.
+which spreads load and heat evenly over the devices, unless the cache policy (router/cache_policy.py,
+router.cache_aware) prefers the idle worker whose KV cache holds the request's conversation.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from google.protobuf.message import Message
 
@@ -36,6 +37,9 @@ from common import wire
 from protos import worker_pb2
 from router.metrics import PoolMetrics
 from router.transport import Transport
+
+if TYPE_CHECKING:
+    from router.cache_policy import CachePolicy
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +86,15 @@ class RegistryListener(Protocol):
 
 class WorkerRegistry:
     def __init__(
-        self, transport: Transport, heartbeat_interval_s: float, liveness: int, metrics: PoolMetrics
+        self,
+        transport: Transport,
+        heartbeat_interval_s: float,
+        liveness: int,
+        metrics: PoolMetrics,
+        cache_policy: CachePolicy | None = None,
     ) -> None:
         self._transport = transport
+        self._cache_policy = cache_policy
         self._metrics = metrics
         self._interval_s = heartbeat_interval_s
         self._liveness = liveness
@@ -129,11 +139,19 @@ class WorkerRegistry:
 
     # -- state changes driven by the scheduler ---------------------------------------------------
 
-    def take_idle(self) -> WorkerRecord | None:
-        """The least recently used idle worker, now marked busy; None if every worker is busy."""
+    def take_idle(self, generate: worker_pb2.Generate | None = None) -> WorkerRecord | None:
+        """The idle worker for `generate` (the cache policy's choice, else the least recently used
+        one), now marked busy; None if every worker is busy."""
         if not self._idle:
             return None
-        _, worker = self._idle.popitem(last=False)
+        policy = self._cache_policy
+        preferred = None if policy is None or generate is None else policy.choose(generate, self._idle)
+        if preferred is None:
+            _, worker = self._idle.popitem(last=False)
+        else:
+            worker = self._idle.pop(preferred.identity)
+        if policy is not None and generate is not None:
+            policy.dispatched(worker, generate)
         worker.state = WorkerState.BUSY
         return worker
 
@@ -156,6 +174,8 @@ class WorkerRegistry:
         del self._by_worker_id[worker.worker_id]
         del self._slots[worker.slot][worker.identity]
         self._idle.pop(worker.identity, None)
+        if self._cache_policy is not None:
+            self._cache_policy.forget(worker.identity)
         worker.state = WorkerState.LOST
         self._remember_lost(worker)
         self._metrics.on_worker_lost(worker)
@@ -181,6 +201,7 @@ class WorkerRegistry:
             return
         worker.last_seen = time.monotonic()
         if kind == "chunk":
+            self._note_cache(worker, message)
             self._require_listener().chunk(worker, message)
         elif kind == "disconnect":
             self.drop(worker, f"it disconnected: {message.reason or 'no reason given'}")
@@ -228,6 +249,8 @@ class WorkerRegistry:
         self._by_worker_id[worker.worker_id] = worker
         self._slots[worker.slot][identity] = worker
         self._idle[identity] = worker
+        if self._cache_policy is not None:
+            self._cache_policy.holds(identity, hello.held_prefix)
         self._transport.send(identity, self._welcome)
         log.info(
             "worker %s registered: device %d, model %s, context %d, pid %d%s",
@@ -241,6 +264,12 @@ class WorkerRegistry:
         self._metrics.on_worker_registered(worker, restarted)
         self.changed.set()
         self._require_listener().worker_ready(worker)
+
+    def _note_cache(self, worker: WorkerRecord, chunk: worker_pb2.Chunk) -> None:
+        """A final chunk says what the worker's KV cache holds now."""
+        final = chunk.finish_reason != worker_pb2.FINISH_NONE or chunk.error_kind != worker_pb2.ERROR_NONE
+        if final and self._cache_policy is not None:
+            self._cache_policy.holds(worker.identity, chunk.held_prefix)
 
     def _refuse_unregistered(self, identity: bytes, kind: str) -> None:
         if kind == "disconnect":

@@ -10,6 +10,11 @@ waits on between tokens so a cancel takes effect at once.
 For tests and soaks it can echo the request (`echo`: the answer is the last user turn's words,
 cycled) and inject faults into chosen requests (`fail_marker`, `hang_marker`, `fault_at_token`):
 an engine error, or a step that never returns.
+
+With `prefill_tokens_per_second` it models prefill cost too, and KV reuse as a real engine with
+model.reuse_kv does it, at turn granularity: it remembers the conversation it last served (as the
+prefix hashes of common/prefix_hash.py, which it reports like any engine) and charges only for the
+prompt tokens after the turns a new request shares with it.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ import time
 from collections.abc import Iterator
 
 from common.config import ModelConfig
-from worker.core.request import ChatRequest, Chunk, EngineError, FinishReason, RequestError
+from common.prefix_hash import conversation_hashes
+from worker.core.kv_prefix import common_prefix
+from worker.core.request import ASSISTANT, ChatRequest, Chunk, EngineError, FinishReason, RequestError, Turn
 
 _WORDS = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit", "sed", "do")
 _BYTES_PER_TOKEN = 4  # the usual rough size of a BPE token in text
@@ -32,6 +39,11 @@ class PacedEngine:
         self.context_size = model.context_size
         self._pace = model.paced
         self._default_max_new_tokens = model.defaults.max_new_tokens
+        self._reuse_kv = model.reuse_kv
+        self._held: tuple[int, ...] = ()  # the conversation prefixes its modelled KV cache holds
+
+    def held_prefix(self) -> tuple[int, ...]:
+        return self._held
 
     def generate(self, request: ChatRequest, cancel: threading.Event) -> Iterator[Chunk]:
         prompt_tokens = estimate_prompt_tokens(request)
@@ -41,36 +53,76 @@ class PacedEngine:
                 f"the prompt (about {prompt_tokens} tokens) leaves no room in the context of "
                 f"{self.context_size} tokens"
             )
-        return self._stream(request, cancel, prompt_tokens, room)
+        cached = self._cached_tokens(request, prompt_tokens)
+        return self._stream(request, cancel, prompt_tokens, room, cached)
+
+    def _cached_tokens(self, request: ChatRequest, prompt_tokens: int) -> int:
+        """Estimated prompt tokens held from the last conversation: those of the shared turns."""
+        if not self._reuse_kv:
+            return 0
+        depth = len(common_prefix(self._held, conversation_hashes(request.system_message, request.history)))
+        if depth == 0:
+            return 0
+        texts = [request.system_message, *(turn.content for turn in request.history[: depth - 1])]
+        return min(sum(map(_text_tokens, texts)), prompt_tokens - 1)
 
     def _stream(
-        self, request: ChatRequest, cancel: threading.Event, prompt_tokens: int, room: int
+        self, request: ChatRequest, cancel: threading.Event, prompt_tokens: int, room: int, cached: int
     ) -> Iterator[Chunk]:
         max_new_tokens = request.params.max_new_tokens
         if max_new_tokens is None:
             max_new_tokens = self._default_max_new_tokens
         count = min(self._pace.tokens_per_request, max_new_tokens, room)
         finish = FinishReason.STOP if count == self._pace.tokens_per_request else FinishReason.LENGTH
-        first_at = time.monotonic() + self._pace.first_token_delay_s
-        if count == 0:
-            yield Chunk("", 0, prompt_tokens, finish)
-            return
-        words = self._words(request)
-        rate = self._pace.tokens_per_second
-        # Deadlines from the start, so the rate does not drift with the time spent yielding.
-        period = 1 / rate if rate else 0.0
-        for index in range(count):
-            if index + 1 == self._pace.fault_at_token:
-                self._inject_fault(request)
-            wait = first_at + index * period - time.monotonic()
-            # Event.wait() takes a lock and a condition even for a zero timeout: only wait for real.
-            cancelled = cancel.wait(wait) if wait > 0 else cancel.is_set()
-            if cancelled:
-                yield Chunk("", index, prompt_tokens, FinishReason.CANCELLED)
+        first_at = time.monotonic() + self._pace.first_token_delay_s + self._prefill_s(prompt_tokens - cached)
+        answer: list[str] = []
+        failed = False
+        try:
+            if count == 0:
+                yield Chunk("", 0, prompt_tokens, finish, cached)
                 return
-            word = words[index % len(words)]
-            text = word if index == 0 else " " + word
-            yield Chunk(text, index + 1, prompt_tokens, finish if index == count - 1 else None)
+            words = self._words(request)
+            rate = self._pace.tokens_per_second
+            # Deadlines from the start, so the rate does not drift with the time spent yielding.
+            period = 1 / rate if rate else 0.0
+            for index in range(count):
+                if index + 1 == self._pace.fault_at_token:
+                    self._inject_fault(request)
+                wait = first_at + index * period - time.monotonic()
+                # Event.wait() takes a lock and a condition even for a zero timeout: only wait for real.
+                cancelled = cancel.wait(wait) if wait > 0 else cancel.is_set()
+                if cancelled:
+                    self._remember(request, answer)
+                    yield Chunk("", index, prompt_tokens, FinishReason.CANCELLED, cached)
+                    return
+                word = words[index % len(words)]
+                answer.append(word if index == 0 else " " + word)
+                if index == count - 1:
+                    self._remember(request, answer)  # before the final chunk, which reports it
+                    yield Chunk(answer[-1], index + 1, prompt_tokens, finish, cached)
+                else:
+                    yield Chunk(answer[-1], index + 1, prompt_tokens, None, cached)
+        except EngineError:
+            failed = True
+            self._held = ()  # as a real engine resets its KV cache
+            raise
+        finally:
+            if not failed:  # also when the caller closes the stream early
+                self._remember(request, answer)
+
+    def _prefill_s(self, computed_tokens: int) -> float:
+        rate = self._pace.prefill_tokens_per_second
+        return computed_tokens / rate if rate else 0.0
+
+    def _remember(self, request: ChatRequest, answer: list[str]) -> None:
+        """The conversation the modelled KV cache holds after this request: its turns and the
+        answer so far once the first token is out (the prefill ran), else only what it shared with
+        the previous one."""
+        if not self._reuse_kv:
+            return
+        turns = (*request.history, Turn(ASSISTANT, "".join(answer))) if answer else request.history
+        hashes = conversation_hashes(request.system_message, turns)
+        self._held = tuple(hashes if answer else common_prefix(self._held, hashes))
 
     def _words(self, request: ChatRequest) -> tuple[str, ...]:
         if self._pace.echo:
@@ -95,4 +147,8 @@ def _last_turn(request: ChatRequest) -> str:
 
 def estimate_prompt_tokens(request: ChatRequest) -> int:
     texts = [request.system_message, *(turn.content for turn in request.history)]
-    return sum(len(text.encode()) // _BYTES_PER_TOKEN + _TEMPLATE_TOKENS_PER_TURN for text in texts)
+    return sum(map(_text_tokens, texts))
+
+
+def _text_tokens(text: str) -> int:
+    return len(text.encode()) // _BYTES_PER_TOKEN + _TEMPLATE_TOKENS_PER_TURN
