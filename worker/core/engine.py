@@ -42,7 +42,7 @@ def load_engine(model: ModelConfig, device_id: int) -> Engine:
         return LLMEngine(graphs, tokenizer, model.name, model.defaults, model.reuse_kv)
     if model.engine == "sail":
         from worker.core.llm_engine import LLMEngine
-        from worker.core.sail_graphs import SailGraphs
+        from worker.core.sail_history import SailHistoryGraphs
         from worker.core.tokenizer import load_tokenizer
 
         if model.tokenizer is None:
@@ -50,7 +50,7 @@ def load_engine(model: ModelConfig, device_id: int) -> Engine:
                 "engine sail needs model.tokenizer: a token_config folder (a bmodel has no tokenizer)"
             )
         tokenizer = load_tokenizer(model.tokenizer)
-        graphs = SailGraphs(model.path, device_id)
+        graphs = SailHistoryGraphs(model.path, device_id)  # SailGraphs + block_kv_{i} when present
         return LLMEngine(graphs, tokenizer, model.name, model.defaults, model.reuse_kv)
     if model.engine == "paced":
         from worker.core.paced import PacedEngine

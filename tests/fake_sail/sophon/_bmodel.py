@@ -16,6 +16,7 @@ Shapes follow the export scripts and gen_bmodel.sh for one device (S = seq_len, 
   lm_head             hidden [1, H] -> logits [1, V] float32 (gen_bmodel.sh, --quant_input only)
                       or hidden [1, 1, H] -> token [1, 1] int32 (lm_head_with_topk)
   greedy_head, penalty_sample_head: listed with their shapes; the stand-in does not compute them.
+  block_kv_{i}        with history_kv (LLM-TPU --use_history_kv): sophon/_history.py
 Activations, k/v and masks use the compiled dtype (`--quant_input --quant_output`: F16 or BF16).
 """
 
@@ -70,10 +71,14 @@ def write_bmodel(
     io_dtype: str = "float16",
     lm_head: str = "logits",
     sampling_heads: bool = False,
+    history_kv: bool = False,
+    prefill_kv_length: int | None = None,
 ) -> Path:
     """Write a stand-in bmodel file describing `checkpoint` compiled with these options."""
     if io_dtype not in IO_DTYPES or lm_head not in LM_HEADS or addr_mode not in (0, 1):
         raise ValueError(f"io_dtype {io_dtype!r}, lm_head {lm_head!r}, addr_mode {addr_mode!r}")
+    if history_kv and not dynamic:
+        raise ValueError("history_kv needs dynamic graphs (LLM-TPU's --use_history_kv forces --dynamic)")
     description = {
         "format": FORMAT,
         "checkpoint": str(Path(checkpoint).resolve()),
@@ -83,6 +88,8 @@ def write_bmodel(
         "io_dtype": io_dtype,
         "lm_head": lm_head,
         "sampling_heads": sampling_heads,
+        "history_kv": history_kv,
+        "prefill_kv_length": prefill_kv_length or seq_len,
     }
     path.write_text(json.dumps(description, indent=2))
     return path
@@ -120,6 +127,10 @@ def _graphs(weights: Weights, description: dict) -> dict[str, GraphDef]:
     }
     if description["sampling_heads"]:
         graphs.update(_sampling_heads(arch.vocab_size, seq))
+    if description.get("history_kv"):
+        from sophon._history import history_graphs
+
+        graphs.update(history_graphs(weights, seq, description["prefill_kv_length"], act))
     for layer in range(arch.num_layers):
         graphs[f"block_{layer}"] = GraphDef(
             (

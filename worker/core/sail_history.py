@@ -1,0 +1,79 @@
+"""The prefill-with-history graph on the chip: LLM-TPU's `block_kv_{i}`, when the bmodel has them.
+
+LLM-TPU's `llm_convert.py --use_history_kv` adds one `block_kv_{i}` per layer (docs/LLM_Convert_Pipeline.md,
+"The bmodel <-> demo contract"; README "Prefill with KV Cache"). It forces `--dynamic`; its inputs are
+input_states [1, L, H], position_ids [1, L], history_k and history_v [1, PREFILL_KV_LENGTH,
+kv_heads, dim], launched with the history inputs cut to the cached length; the mask (every cached
+position, then causal over the new ones) is compiled in; the outputs are the hidden states and the
+new positions' k/v. Its demos (models/Qwen3/python_demo/chat.cpp `forward_first_with_kv` and
+`net_launch_kv_dyn`, models/InternVL3/python_demo/chat.cpp) copy the cache's first old_length rows
+into the history inputs and the outputs back at row old_length. Here, as `block_cache_{i}` already
+does for its one row, the history inputs are views of the KV cache's first `start` rows and the k/v
+outputs views at row `start`: no copies. PREFILL_KV_LENGTH bounds the reusable prefix (max_history).
+
+A bmodel without these graphs (sophon-demo's exports) keeps max_history 0: every prompt is
+prefilled from token 0, as before. Kept apart from sail_graphs.py as a subclass, so the adapter
+itself stays as it is.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from worker.core.sail_graphs import SailGraphs, Tensor
+
+log = logging.getLogger(__name__)
+
+HISTORY_GRAPH = "block_kv_0"
+# input_states, position_ids, history_k, history_v: the layout LLM-TPU's demos launch (mask compiled in)
+_HISTORY_INPUTS = 4
+
+
+class SailHistoryGraphs(SailGraphs):
+    """SailGraphs plus block_with_history over the bmodel's block_kv_{i} graphs, if it has them."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        engine = self._engine
+        if HISTORY_GRAPH not in engine.get_graph_names():
+            return
+        if engine.get_input_num(HISTORY_GRAPH) != _HISTORY_INPUTS or not engine.get_is_dynamic(HISTORY_GRAPH):
+            log.warning(
+                "%s: %s has %d inputs (expected %d, dynamic): history prefill not used",
+                self._name,
+                HISTORY_GRAPH,
+                engine.get_input_num(HISTORY_GRAPH),
+                _HISTORY_INPUTS,
+            )
+            return
+        self._history_positions = self._input(HISTORY_GRAPH, 1)
+        self._host_inputs = (*self._host_inputs, self._history_positions)
+        prefill_kv_length = engine.get_input_shape(HISTORY_GRAPH, 2)[1]
+        self.spec = replace(self.spec, max_history=min(prefill_kv_length, self.spec.seq_len - 1))
+
+    def block_with_history(
+        self, layer: int, hidden: Tensor, position_ids: np.ndarray, mask: np.ndarray, start: int
+    ) -> Tensor:
+        length = hidden.shape()[1]
+        if not 0 < start <= self.spec.max_history or start + length > self.spec.seq_len:
+            raise ValueError(
+                f"prefill of {length} positions after {start} cached ones does not fit "
+                f"(history up to {self.spec.max_history}, seq_len {self.spec.seq_len})"
+            )
+        if position_ids.shape != (1, length) or mask.shape != (1, 1, length, start + length):
+            raise ValueError(
+                f"position_ids {position_ids.shape} / mask {mask.shape} do not fit {length} positions"
+            )
+        past_k, past_v = self._kv[layer]
+        rows = self._kv_shape[2] * self._kv_shape[3]
+        history, new = [1, start, *self._kv_shape[2:]], [1, length, *self._kv_shape[2:]]
+        sail = self._sail
+        inputs = [hidden, self._history_positions.put(position_ids)]
+        inputs += [sail.Tensor(past_k, history, 0), sail.Tensor(past_v, history, 0)]
+        outputs = [hidden, sail.Tensor(past_k, new, start * rows), sail.Tensor(past_v, new, start * rows)]
+        self._run(f"block_kv_{layer}", inputs, outputs)
+        return hidden
