@@ -2,7 +2,7 @@
 
 What a client gets, case by case (StreamComplete and Complete alike unless said):
 
-- invalid request (the router's checks), or an unusable x-request-id metadata value:
+- invalid request (the router's checks), or an unusable x-request-id or x-session-id metadata value:
   INVALID_ARGUMENT, the message names the problem
 - router draining: UNAVAILABLE
 - queue full: RESOURCE_EXHAUSTED
