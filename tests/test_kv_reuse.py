@@ -106,6 +106,7 @@ def test_the_engine_reports_the_conversation_it_holds(weights, tiny_chat_tokeniz
     answer = text_of(engines.turn(history))
     expected = conversation_hashes(SYSTEM, (*history, Turn(ASSISTANT, answer)))
     assert engines.reusing.held_prefix() == tuple(expected)
+    assert engines.fresh.held_prefix() == (), "with reuse off there is nothing to offer the router"
     # The router's hash of the next turn's prefixes finds it at depth 2 (system + question + answer).
     following = next_history(history, answer, QUESTIONS[1])
     assert conversation_hashes(SYSTEM, following)[2] == engines.reusing.held_prefix()[-1]

@@ -104,3 +104,4 @@ def test_without_history_graphs_every_prompt_is_prefilled_whole(
     reusing, fresh = engines(bmodel(tmp_path, tiny_chat_model), tiny_chat_tokenizer)
     assert reusing._graphs.spec.max_history == 0
     assert converse(reusing, fresh) == [0, 0, 0]
+    assert reusing.held_prefix() == (), "nothing to offer the router: it dispatches by LRU"

@@ -73,7 +73,8 @@ class LLMEngine:
         self._tokenizer = tokenizer
         self._defaults = defaults
         self._greedy_only = graphs.spec.head is HeadKind.TOKEN_ID
-        self._reuse_kv = reuse_kv
+        # Without a usable prefill-with-history graph nothing is reused, and nothing is reported.
+        self._reuse_kv = reuse_kv and graphs.spec.max_history > 0 and graphs.spec.is_dynamic
         self._kv_prefix = KvPrefix()
         if self._greedy_only:
             log.warning(
@@ -83,8 +84,9 @@ class LLMEngine:
             )
 
     def held_prefix(self) -> tuple[int, ...]:
-        """Hashes (common/prefix_hash.py) of the conversation prefixes the KV cache holds."""
-        return self._kv_prefix.conversation
+        """Hashes (common/prefix_hash.py) of the conversation prefixes the KV cache holds (and
+        will reuse: none when reuse is off)."""
+        return self._kv_prefix.conversation if self._reuse_kv else ()
 
     def generate(self, request: ChatRequest, cancel: threading.Event) -> Iterator[Chunk]:
         settings = self._settings(request.params)
