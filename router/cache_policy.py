@@ -100,8 +100,9 @@ class CachePolicy:
 
 
 def session_id(metadata: Iterable[tuple[str, str | bytes]]) -> tuple[str, str]:
-    """(the client's x-session-id or "", "") or, when it is unusable, ("", the problem)."""
-    sent = next((value for key, value in metadata if key == SESSION_ID_KEY), None)
+    """(the client's x-session-id or "", "") or, when it is unusable, ("", the problem). Takes gRPC
+    metadata or HTTP headers (`headers.items()`: the name is matched in any case)."""
+    sent = next((value for key, value in metadata if key.lower() == SESSION_ID_KEY), None)
     if sent is None:
         return "", ""
     if isinstance(sent, str) and 0 < len(sent) <= MAX_SESSION_ID_CHARS and sent.isprintable():

@@ -94,6 +94,7 @@ def test_a_session_sticks_to_its_worker_until_that_worker_runs_something_else():
 
 def test_session_ids_are_read_from_the_metadata():
     assert session_id([("x-session-id", "chat-7")]) == ("chat-7", "")
+    assert session_id([("X-Session-Id", "chat-8")]) == ("chat-8", ""), "HTTP headers, any case"
     assert session_id([("other", "x")]) == ("", "")
     value, problem = session_id([("x-session-id", "x" * 129)])
     assert value == "" and "x-session-id" in problem and "129 characters" in problem
