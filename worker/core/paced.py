@@ -22,6 +22,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 from common.config import ModelConfig
 from common.prefix_hash import conversation_hashes
@@ -53,8 +54,32 @@ class PacedEngine:
                 f"the prompt (about {prompt_tokens} tokens) leaves no room in the context of "
                 f"{self.context_size} tokens"
             )
+        return self._with_prefill(request, cancel, prompt_tokens, room)
+
+    def _with_prefill(
+        self, request: ChatRequest, cancel: threading.Event, prompt_tokens: int, room: int
+    ) -> Iterator[Chunk]:
+        """The stream after the modelled prefill of the prompt tokens not held from the last
+        conversation; what is held afterwards is recorded before the final chunk goes out."""
         cached = self._cached_tokens(request, prompt_tokens)
-        return self._stream(request, cancel, prompt_tokens, room, cached)
+        rate = self._pace.prefill_tokens_per_second
+        if rate:
+            cancel.wait((prompt_tokens - cached) / rate)  # a cancel ends the wait: _stream notices it
+        answer: list[str] = []
+        failed = False
+        try:
+            for chunk in self._stream(request, cancel, prompt_tokens, room):
+                answer.append(chunk.text)
+                if chunk.finish_reason is not None:
+                    self._remember(request, "".join(answer))
+                yield replace(chunk, cached_prompt_tokens=cached)
+        except EngineError:
+            failed = True
+            self._held = ()  # as a real engine resets its KV cache
+            raise
+        finally:
+            if not failed:  # also when the caller closes the stream early
+                self._remember(request, "".join(answer))
 
     def _cached_tokens(self, request: ChatRequest, prompt_tokens: int) -> int:
         """Estimated prompt tokens held from the last conversation: those of the shared turns."""
@@ -66,63 +91,44 @@ class PacedEngine:
         texts = [request.system_message, *(turn.content for turn in request.history[: depth - 1])]
         return min(sum(map(_text_tokens, texts)), prompt_tokens - 1)
 
+    def _remember(self, request: ChatRequest, answer: str) -> None:
+        """The conversation the modelled KV cache holds after this request: its turns and the
+        answer so far once a token is out (the prefill ran), else only what it shared with the
+        previous one."""
+        if not self._reuse_kv:
+            return
+        turns = (*request.history, Turn(ASSISTANT, answer)) if answer else request.history
+        hashes = conversation_hashes(request.system_message, turns)
+        self._held = tuple(hashes if answer else common_prefix(self._held, hashes))
+
     def _stream(
-        self, request: ChatRequest, cancel: threading.Event, prompt_tokens: int, room: int, cached: int
+        self, request: ChatRequest, cancel: threading.Event, prompt_tokens: int, room: int
     ) -> Iterator[Chunk]:
         max_new_tokens = request.params.max_new_tokens
         if max_new_tokens is None:
             max_new_tokens = self._default_max_new_tokens
         count = min(self._pace.tokens_per_request, max_new_tokens, room)
         finish = FinishReason.STOP if count == self._pace.tokens_per_request else FinishReason.LENGTH
-        first_at = time.monotonic() + self._pace.first_token_delay_s + self._prefill_s(prompt_tokens - cached)
-        answer: list[str] = []
-        failed = False
-        try:
-            if count == 0:
-                yield Chunk("", 0, prompt_tokens, finish, cached)
-                return
-            words = self._words(request)
-            rate = self._pace.tokens_per_second
-            # Deadlines from the start, so the rate does not drift with the time spent yielding.
-            period = 1 / rate if rate else 0.0
-            for index in range(count):
-                if index + 1 == self._pace.fault_at_token:
-                    self._inject_fault(request)
-                wait = first_at + index * period - time.monotonic()
-                # Event.wait() takes a lock and a condition even for a zero timeout: only wait for real.
-                cancelled = cancel.wait(wait) if wait > 0 else cancel.is_set()
-                if cancelled:
-                    self._remember(request, answer)
-                    yield Chunk("", index, prompt_tokens, FinishReason.CANCELLED, cached)
-                    return
-                word = words[index % len(words)]
-                answer.append(word if index == 0 else " " + word)
-                if index == count - 1:
-                    self._remember(request, answer)  # before the final chunk, which reports it
-                    yield Chunk(answer[-1], index + 1, prompt_tokens, finish, cached)
-                else:
-                    yield Chunk(answer[-1], index + 1, prompt_tokens, None, cached)
-        except EngineError:
-            failed = True
-            self._held = ()  # as a real engine resets its KV cache
-            raise
-        finally:
-            if not failed:  # also when the caller closes the stream early
-                self._remember(request, answer)
-
-    def _prefill_s(self, computed_tokens: int) -> float:
-        rate = self._pace.prefill_tokens_per_second
-        return computed_tokens / rate if rate else 0.0
-
-    def _remember(self, request: ChatRequest, answer: list[str]) -> None:
-        """The conversation the modelled KV cache holds after this request: its turns and the
-        answer so far once the first token is out (the prefill ran), else only what it shared with
-        the previous one."""
-        if not self._reuse_kv:
+        first_at = time.monotonic() + self._pace.first_token_delay_s
+        if count == 0:
+            yield Chunk("", 0, prompt_tokens, finish)
             return
-        turns = (*request.history, Turn(ASSISTANT, "".join(answer))) if answer else request.history
-        hashes = conversation_hashes(request.system_message, turns)
-        self._held = tuple(hashes if answer else common_prefix(self._held, hashes))
+        words = self._words(request)
+        rate = self._pace.tokens_per_second
+        # Deadlines from the start, so the rate does not drift with the time spent yielding.
+        period = 1 / rate if rate else 0.0
+        for index in range(count):
+            if index + 1 == self._pace.fault_at_token:
+                self._inject_fault(request)
+            wait = first_at + index * period - time.monotonic()
+            # Event.wait() takes a lock and a condition even for a zero timeout: only wait for real.
+            cancelled = cancel.wait(wait) if wait > 0 else cancel.is_set()
+            if cancelled:
+                yield Chunk("", index, prompt_tokens, FinishReason.CANCELLED)
+                return
+            word = words[index % len(words)]
+            text = word if index == 0 else " " + word
+            yield Chunk(text, index + 1, prompt_tokens, finish if index == count - 1 else None)
 
     def _words(self, request: ChatRequest) -> tuple[str, ...]:
         if self._pace.echo:
