@@ -5,18 +5,22 @@
 - with its holder busy, a turn goes to another idle worker at once (and is prefilled from 0);
 - x-session-id pins a conversation even when its text gives no match;
 - a hot conversation flooding the pool is spread over every worker and others still get served;
-- with router.cache_aware false, the same turns rotate over the workers (least recently used).
+- with router.cache_aware false, the same turns rotate over the workers (least recently used);
+- saturated, the pool never has a worker idle while a request waits (the router's own gauges).
 """
 
 from __future__ import annotations
 
 import re
+import threading
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from protos import inference_pb2 as api
-from tests.harness import Pool, inference_stub, start_pool, wait_until, write_config
+from tests.harness import Pool, free_port, inference_stub, start_pool, wait_until, write_config
 
 USER, ASSISTANT = 1, 2
 SYSTEM = "You are a helpful assistant."
@@ -31,11 +35,12 @@ PACED = {
 }
 
 
-def start(procs, tmp_path, cache_aware: bool = True) -> Pool:
+def start(procs, tmp_path, cache_aware: bool = True, metrics_port: int | None = None) -> Pool:
+    metrics = {"metrics_listen": f"127.0.0.1:{metrics_port}"} if metrics_port else {}
     config = write_config(
         tmp_path,
         {
-            "router": {"cache_aware": cache_aware},
+            "router": {"cache_aware": cache_aware, **metrics},
             "model": {"context_size": 4096, "paced": PACED},
             "workers": {"devices": [0, 1, 2]},
         },
@@ -131,6 +136,48 @@ def test_a_hot_conversation_does_not_take_the_pool_for_itself(procs, tmp_path):
         results = [future.result() for future in futures]
     assert all(result.finished for result in results), "every request was served"
     assert len({result.worker_id for result in results[:9]}) >= 2, "the hot conversation spread out"
+
+
+def router_gauges(port: int) -> tuple[int, int]:
+    """(requests queued, workers idle) as the router reports them, read on its event loop."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    queued = idle = 0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "bm_pool_queue_length":
+                queued = int(sample.value)
+            elif sample.name == "bm_pool_worker_state" and sample.labels["state"] == "idle":
+                idle += int(sample.value)
+    return queued, idle
+
+
+def test_saturated_no_worker_idles_while_a_request_waits(procs, tmp_path):
+    port = free_port()
+    pool = start(procs, tmp_path, metrics_port=port)
+    first = complete(pool, request(QUESTIONS[0]))
+    hot = request(QUESTIONS[0], first.output_text, QUESTIONS[1], max_new_tokens=25)
+    samples: list[tuple[int, int]] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            samples.append(router_gauges(port))
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        with ThreadPoolExecutor(12) as executor:
+            calls = [executor.submit(complete, pool, hot) for _ in range(8)]
+            calls += [
+                executor.submit(complete, pool, request(f"cold {i}", max_new_tokens=25)) for i in range(4)
+            ]
+            assert all(call.result().finished for call in calls)
+    finally:
+        done.set()
+        sampler.join()
+    assert any(queued for queued, _ in samples), "the pool was never saturated: the check proves nothing"
+    assert not [(queued, idle) for queued, idle in samples if queued and idle]
 
 
 def test_a_bad_session_id_is_refused(procs, tmp_path):
