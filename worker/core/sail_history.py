@@ -53,16 +53,22 @@ class SailHistoryGraphs(SailGraphs):
         self._history_positions = self._input(HISTORY_GRAPH, 1)
         self._host_inputs = (*self._host_inputs, self._history_positions)
         prefill_kv_length = engine.get_input_shape(HISTORY_GRAPH, 2)[1]
+        self._max_new_positions = engine.get_input_shape(HISTORY_GRAPH, 0)[1]  # LLM-TPU's max_input_length
         self.spec = replace(self.spec, max_history=min(prefill_kv_length, self.spec.seq_len - 1))
 
     def block_with_history(
         self, layer: int, hidden: Tensor, position_ids: np.ndarray, mask: np.ndarray, start: int
     ) -> Tensor:
         length = hidden.shape()[1]
-        if not 0 < start <= self.spec.max_history or start + length > self.spec.seq_len:
+        if (
+            not 0 < start <= self.spec.max_history
+            or start + length > self.spec.seq_len
+            or length > self._max_new_positions
+        ):
             raise ValueError(
-                f"prefill of {length} positions after {start} cached ones does not fit "
-                f"(history up to {self.spec.max_history}, seq_len {self.spec.seq_len})"
+                f"prefill of {length} positions after {start} cached ones does not fit (history up "
+                f"to {self.spec.max_history}, {self._max_new_positions} new positions, "
+                f"seq_len {self.spec.seq_len})"
             )
         if position_ids.shape != (1, length) or mask.shape != (1, 1, length, start + length):
             raise ValueError(
