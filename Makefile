@@ -7,7 +7,7 @@ RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 PROTOS := $(patsubst %.proto,%_pb2.py,$(wildcard protos/*.proto))
 
-.PHONY: setup run test lint bench bench-compare clean
+.PHONY: setup run test lint bench bench-compare mutate clean
 
 setup: $(RUNTIME_STAMP) $(PROTOS)
 
@@ -38,10 +38,14 @@ test: lint
 bench: $(DEV_STAMP) $(PROTOS)
 	$(PY) -m bench $(BENCH_ARGS)
 
+# Mutation testing (slow, not in `make test`): every module of scripts/mutate.py, or MODULE=router/job.py.
+mutate: $(DEV_STAMP) $(PROTOS)
+	$(PY) scripts/mutate.py $(MODULE)
+
 # The CPU engine beside Hugging Face transformers on CPU torch (an optional extra of ~1 GB).
 bench-compare: setup
 	$(PY) -m pip install -q -r requirements-compare.txt
 	$(PY) scripts/bench_engine.py
 
 clean:
-	rm -rf $(VENV) protos/*_pb2*.py protos/*_pb2.pyi .pytest_cache .ruff_cache
+	rm -rf $(VENV) protos/*_pb2*.py protos/*_pb2.pyi .pytest_cache .ruff_cache .mutate

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from common.devices import DeviceGroupError, format_group, group_of, overlapping
 from common.wire import MAX_FRAME_BYTES
 
 ENGINES = ("numpy", "sail", "paced")
@@ -158,6 +159,8 @@ class RouterConfig:
     # Give a request to the idle worker whose KV cache holds the longest prefix of its conversation
     # (or the one its x-session-id last ran on); false = always the least recently used idle worker.
     cache_aware: bool = True
+    # A plain-text port serving only grpc.health.v1, for probes that cannot speak TLS (Kubernetes').
+    health_listen: str | None = None
 
     def __post_init__(self) -> None:
         _require_host_port("listen", self.listen)
@@ -185,6 +188,8 @@ class RouterConfig:
         )
         if self.metrics_listen is not None:
             _require_host_port("metrics_listen", self.metrics_listen)
+        if self.health_listen is not None:
+            _require_host_port("health_listen", self.health_listen)
         _require(
             self.event_loop in EVENT_LOOPS,
             "event_loop",
@@ -201,8 +206,25 @@ class RouterConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    """The OpenAI-compatible HTTP front (router/http/), in the router process beside gRPC."""
+
+    listen: str | None = "127.0.0.1:8000"  # host:port; None = no HTTP front
+    max_n: int = 8  # the largest `n` (choices per request) a client may ask for
+    body_timeout_s: float = 10.0  # a request body still arriving after this is refused (408)
+
+    def __post_init__(self) -> None:
+        if self.listen is not None:
+            _require_host_port("listen", self.listen)
+        _require(self.max_n >= 1, "max_n", "must be >= 1", self.max_n)
+        _require(self.body_timeout_s > 0, "body_timeout_s", "must be > 0", self.body_timeout_s)
+
+
+@dataclass(frozen=True)
 class WorkersConfig:
-    devices: tuple[int, ...] = (0,)  # DEV_IDs
+    # DEV_IDs, one worker group each: an id (2), or a group of chips for a bmodel compiled for
+    # several devices ("0,1"; common/devices.py). No device may be in two entries.
+    devices: tuple[int | str, ...] = (0,)
     per_device: int = 1
     restart_backoff_s: float = 0.5  # first restart delay; doubles per crash up to the max
     restart_backoff_max_s: float = 30.0
@@ -218,7 +240,10 @@ class WorkersConfig:
     def __post_init__(self) -> None:
         _require(len(self.devices) >= 1, "devices", "must list at least one device id", list(self.devices))
         _require(
-            all(device >= 0 for device in self.devices), "devices", "must be ids >= 0", list(self.devices)
+            all(not isinstance(device, int) or device >= 0 for device in self.devices),
+            "devices",
+            "must be ids >= 0",
+            list(self.devices),
         )
         _require(
             len(set(self.devices)) == len(self.devices),
@@ -226,6 +251,12 @@ class WorkersConfig:
             "must not repeat an id",
             list(self.devices),
         )
+        try:
+            groups = [group_of(device) for device in self.devices]
+        except DeviceGroupError as error:
+            raise ConfigError("devices", f"{error} (in {list(self.devices)!r})") from None
+        shared = overlapping(groups)
+        _require(not shared, "devices", f"must not put device {shared[:1]} in two groups", list(self.devices))
         _require(self.per_device >= 1, "per_device", "must be >= 1", self.per_device)
         _require(self.restart_backoff_s > 0, "restart_backoff_s", "must be > 0", self.restart_backoff_s)
         _require(
@@ -251,12 +282,90 @@ class WorkersConfig:
         """Local worker processes the supervisor runs."""
         return len(self.devices) * self.per_device
 
+    @property
+    def groups(self) -> tuple[str, ...]:
+        """The device groups in their one text form ("0", "0,1"), in config order."""
+        return tuple(format_group(group_of(device)) for device in self.devices)
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS on the client-facing fronts (gRPC, and the HTTP and admin fronts). PEM files."""
+
+    cert_file: str | None = None  # the server's certificate chain; set with key_file = TLS only
+    key_file: str | None = None
+    client_ca_file: str | None = None  # set = mutual TLS: clients need a certificate this CA signed
+
+    def __post_init__(self) -> None:
+        _require(
+            (self.cert_file is None) == (self.key_file is None),
+            "cert_file",
+            "and key_file must be set together",
+            (self.cert_file, self.key_file),
+        )
+        _require(
+            self.client_ca_file is None or self.cert_file is not None,
+            "client_ca_file",
+            "needs cert_file and key_file (mutual TLS is TLS first)",
+            self.client_ca_file,
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
+@dataclass(frozen=True)
+class CurveConfig:
+    """ZeroMQ CURVE on the worker link. One config serves both roles: the router reads its secret key
+    and the allowlist, a worker its own secret key and the router's public key (scripts/keygen.py)."""
+
+    enabled: bool = False
+    router_secret_key: str = "/etc/bm-pool/curve/router.key_secret"  # the router only
+    allowed_workers_dir: str = "/etc/bm-pool/curve/workers"  # the router only: workers' *.key files
+    worker_secret_key: str = "/etc/bm-pool/curve/worker.key_secret"  # workers only
+    router_public_key: str = "/etc/bm-pool/curve/router.key"  # workers only
+
+    def __post_init__(self) -> None:
+        for key in ("router_secret_key", "allowed_workers_dir", "worker_secret_key", "router_public_key"):
+            _require(bool(getattr(self, key).strip()), key, "must not be empty", getattr(self, key))
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """Who may use the fronts and who may join as a worker (common/security.py applies it)."""
+
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    api_keys_file: str | None = None  # one key per line; set = every call needs `authorization: Bearer`
+    # Keys for the admin API alone (clients' keys then cannot cordon or drain); null = api_keys_file's.
+    admin_api_keys_file: str | None = None
+    open_health: bool = True  # health checks need no key (probes cannot send one)
+    curve: CurveConfig = field(default_factory=CurveConfig)
+    # Only with this may the worker link run without CURVE on a non-loopback address.
+    trusted_network: bool = False
+
+    def __post_init__(self) -> None:
+        _require(
+            self.api_keys_file is None or bool(self.api_keys_file.strip()),
+            "api_keys_file",
+            "must not be empty (null = no keys)",
+            self.api_keys_file,
+        )
+        _require(
+            self.admin_api_keys_file is None or bool(self.admin_api_keys_file.strip()),
+            "admin_api_keys_file",
+            "must not be empty (null = the api_keys_file keys)",
+            self.admin_api_keys_file,
+        )
+
 
 @dataclass(frozen=True)
 class PoolConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
 
 def load_config(path: str | Path, environ: Mapping[str, str] = os.environ) -> PoolConfig:
@@ -301,7 +410,14 @@ def _section(raw: dict[str, Any], name: str) -> dict[str, Any]:
     return raw[name]
 
 
-def _parse_device_ids(text: str) -> list[int]:
+def _parse_device_ids(text: str) -> list[int | str]:
+    """ "0,1,3": three one-chip workers (as the original server read it); "0,1;2,3": two device groups."""
+    if ";" in text:
+        groups = [part.strip() for part in text.split(";")]
+        try:
+            return [format_group(group_of(group)) for group in groups]
+        except DeviceGroupError as error:
+            raise ConfigError("DEV_ID", f"{error} (groups separated by ';', e.g. '0,1;2,3')") from None
     parts = [part.strip() for part in text.split(",")]
     if not all(part.isdigit() for part in parts):
         raise ConfigError("DEV_ID", f"must be a device id or a comma-separated list of ids, got {text!r}")
@@ -329,16 +445,29 @@ def _build(cls: type, raw: object, path: str) -> Any:
 def _convert(hint: Any, value: object, path: str) -> Any:
     if is_dataclass(hint):
         return _build(hint, value, path)
-    if isinstance(hint, types.UnionType):  # `X | None`: the only union in the schema
-        if value is None:
+    if isinstance(hint, types.UnionType):  # `X | None`, or `int | str` (workers.devices)
+        options = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        if value is None and len(options) < len(typing.get_args(hint)):
             return None
-        (hint,) = (arg for arg in typing.get_args(hint) if arg is not type(None))
+        hint = next((option for option in options if _is(option, value)), options[0])
     if typing.get_origin(hint) is tuple:
         (item_hint, _) = typing.get_args(hint)
         if not isinstance(value, list):
-            raise ConfigError(path, f"must be a list of {item_hint.__name__}, got {value!r}")
+            raise ConfigError(path, f"must be a list of {_type_name(item_hint)}, got {value!r}")
         return tuple(_convert(item_hint, item, f"{path}[{index}]") for index, item in enumerate(value))
     return _scalar(hint, value, path)
+
+
+def _type_name(hint: Any) -> str:
+    return (
+        " or ".join(arg.__name__ for arg in typing.get_args(hint))
+        if isinstance(hint, types.UnionType)
+        else hint.__name__
+    )
+
+
+def _is(hint: type, value: object) -> bool:
+    return isinstance(value, hint) and not (hint is int and isinstance(value, bool))
 
 
 def _scalar(hint: type, value: object, path: str) -> object:

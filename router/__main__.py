@@ -1,8 +1,10 @@
 """Run the router alone: `python -m router --config configs/default.yaml`.
 
-SIGTERM or SIGINT starts a graceful drain (health NOT_SERVING, new calls UNAVAILABLE, open calls
-finish up to router.drain_timeout_s), then the process exits 0. It exits 1 if the config is bad,
-an address cannot be bound, or one of the router's loops dies.
+SIGTERM or SIGINT starts a graceful drain of both fronts (health NOT_SERVING and HTTP /health 503,
+new calls UNAVAILABLE or HTTP 503, open calls finish up to router.drain_timeout_s), then the process
+exits 0. SIGHUP re-reads the TLS files, the API keys and the worker allowlist (common/security.py).
+It exits 1 if the config is bad, key material cannot be read, an address cannot be bound, or one of
+the router's loops dies.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import signal
 import sys
 
 from common.config import ConfigError, PoolConfig, load_config
+from common.security import SecurityError
 from router import event_loop
 from router.server import RouterServer
 from router.validation import RequestLimits
@@ -38,7 +41,7 @@ def main() -> int:
     config = dataclasses.replace(config, router=dataclasses.replace(config.router, **overrides))
     try:
         return event_loop.run(_serve(config), config.router.event_loop)
-    except OSError as error:
+    except (OSError, SecurityError) as error:
         logging.getLogger("router").error("%s", error)
         return 1
 
@@ -47,13 +50,14 @@ async def _serve(config: PoolConfig) -> int:
     limits = RequestLimits(
         max_request_bytes=config.router.max_request_bytes, max_new_tokens=config.model.context_size
     )
-    server = RouterServer(config.router, limits)
+    server = RouterServer(config.router, limits, config.http, config.model.name, security=config.security)
     await server.start()
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
     logging.getLogger("router").info("event loop: %s", type(loop).__module__.split(".")[0])
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop_requested.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_security)
     stopped = asyncio.create_task(stop_requested.wait())
     failed = asyncio.create_task(server.failed.wait())
     await asyncio.wait((stopped, failed), return_when=asyncio.FIRST_COMPLETED)

@@ -92,6 +92,8 @@ class CachePolicy:
             identity = self._session_worker.get(session)
             if identity in idle and self._worker_session.get(identity) == session:
                 return idle[identity], Match.SESSION
+        if generate.HasField("raw_prompt"):
+            return None, Match.NONE  # no conversation to match (the HTTP front's /v1/completions)
         for value in reversed(conversation_hashes(generate.system_message, generate.history)):
             holders = self._holders.get(value)
             if holders and any(identity in idle for identity in holders):

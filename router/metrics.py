@@ -89,7 +89,7 @@ class RequestTimings:
 @dataclass(frozen=True)
 class _PoolView:
     snapshot: Snapshot
-    workers: list[tuple[str, int, str]]  # worker_id, device_id, state
+    workers: list[tuple[str, str, str]]  # worker_id, device_id (the device group, "0,1"), state
     histograms: list[tuple[list[int], float]]  # LoopHistogram.read() of each, in registration order
 
 
@@ -137,8 +137,9 @@ class PoolMetrics:
         metric = {"namespace": NAMESPACE, "registry": self.registry}
         self._requests = Counter(
             "requests",
-            "Calls ended, by method, gRPC status code and finish reason (none: no finished generation)",
-            ("grpc_method", "grpc_code", "finish_reason"),
+            "Calls ended, by front (grpc, http), method, status code (gRPC's names; the HTTP front "
+            "maps its answers to them) and finish reason (none: no finished generation)",
+            ("front", "grpc_method", "grpc_code", "finish_reason"),
             **metric,
         )
         self._prompt_tokens = Counter("prompt_tokens", "Prompt tokens of the requests served", **metric)
@@ -179,7 +180,8 @@ class PoolMetrics:
         )
         self._duration = Histogram(
             "request_duration_seconds",
-            "End-to-end time of calls answered OK, from receipt to the last frame",
+            "End-to-end time of calls answered OK, from receipt to the last frame, by front",
+            ("front",),
             buckets=DURATION_BUCKETS_S,
             **metric,
         )
@@ -208,9 +210,18 @@ class PoolMetrics:
             ("device_id",),
             **metric,
         )
+        self._refusals = Counter(
+            "refused",
+            "Calls and worker connections refused for want of a valid key (common/security.py)",
+            ("reason",),
+            **metric,
+        )
         self._pool = _PoolCollector((self._inter_token,))
         self.registry.register(self._pool)
         self._http: WSGIServer | None = None
+        # Tokens relayed to clients since the start (cancelled generations included): the HTTP
+        # front's status page derives the pool's tokens/s from it.
+        self.tokens_relayed = 0
 
     # -- wiring ----------------------------------------------------------------------------------
 
@@ -261,6 +272,7 @@ class PoolMetrics:
         tokens = chunk.completion_tokens
         if tokens <= timings.completion_tokens:
             return
+        self.tokens_relayed += tokens - timings.completion_tokens
         timings.completion_tokens = tokens
         now = time.monotonic()
         if timings.first_token_at is None:
@@ -273,7 +285,7 @@ class PoolMetrics:
     def on_call_end(self, call: Call, code: grpc.StatusCode) -> None:
         job = call.job
         finish = job.timings.finish_name if job is not None else _FINISH_NAMES[worker_pb2.FINISH_NONE]
-        self._requests.labels(call.method, code.name, finish).inc()
+        self._requests.labels(call.front, call.method, code.name, finish).inc()
         if job is None:
             return
         self._prompt_tokens.inc(job.timings.prompt_tokens)
@@ -281,7 +293,7 @@ class PoolMetrics:
         self._prompt_tokens_computed.inc(job.timings.prompt_tokens - job.timings.cached_prompt_tokens)
         self._generation_tokens.inc(job.timings.completion_tokens)
         if code is grpc.StatusCode.OK:
-            self._duration.observe(call.ended_at - call.started_at)
+            self._duration.labels(call.front).observe(call.ended_at - call.started_at)
 
     def on_cache_dispatch(self, match: str) -> None:
         """A cache-aware dispatch: match is session, prefix or none (router/cache_policy.py)."""
@@ -296,6 +308,10 @@ class PoolMetrics:
 
     def on_worker_lost(self, worker: WorkerRecord) -> None:
         self._losses.labels(str(worker.device_id)).inc()
+
+    def on_refused(self, reason: str) -> None:
+        """A refusal by common/security.py; called from the authenticator's thread too (thread-safe)."""
+        self._refusals.labels(reason).inc()
 
     def on_liveness_check(self, worker: WorkerRecord, silence_s: float, interval_s: float) -> None:
         if silence_s > interval_s * MISSED_HEARTBEAT_AFTER_INTERVALS:

@@ -37,6 +37,11 @@ log = logging.getLogger(__name__)
 
 # A request runs on at most this many workers: the first and one re-dispatch after a lost worker.
 MAX_ATTEMPTS = 2
+# A request that would wait past its call's deadline fails this share of the time left earlier (at
+# most the cap): the router's status, which says why, must reach the client before the client's own
+# deadline ends the call with a bare "Deadline Exceeded".
+DEADLINE_HEADROOM = 0.1
+DEADLINE_HEADROOM_MAX_S = 0.5
 
 
 class QueueFull(Exception):
@@ -171,7 +176,8 @@ class Scheduler:
             self._queue.move_to_end(job.request_id, last=False)
         wait_s, reason = self._queue_timeout_s, f"the queue timeout ({self._queue_timeout_s:g} s)"
         if grpc_time_left_s is not None and grpc_time_left_s < wait_s:
-            wait_s, reason = grpc_time_left_s, "the call's deadline"
+            headroom_s = min(grpc_time_left_s * DEADLINE_HEADROOM, DEADLINE_HEADROOM_MAX_S)
+            wait_s, reason = grpc_time_left_s - headroom_s, "the call's deadline"
         job.timer = asyncio.get_running_loop().call_later(max(wait_s, 0.0), self._expire, job, reason)
 
     def _expire(self, job: Job, reason: str) -> None:

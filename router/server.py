@@ -1,8 +1,11 @@
-"""The router process assembled: gRPC server, health, reflection, worker socket and scheduler.
+"""The router process assembled: gRPC server, health, reflection, worker socket and scheduler, and
+the OpenAI-compatible HTTP front (router/http/) on the same event loop when http.listen is set.
 
 RouterServer owns the pieces and their lifetimes. Health (`grpc.health.v1`, for the overall
 server "" and for "InferenceService") is SERVING while at least one worker is registered and
-NOT_SERVING with none or once draining has begun. Reflection lists the inference, health and
+NOT_SERVING with none or once draining has begun; "liveness" is SERVING while the process runs.
+health_listen adds a plain-text port with the health service alone, for probes that cannot speak
+TLS. TLS, API keys and CURVE come from common/security.py. Reflection lists the inference, health and
 reflection services, so grpcurl can discover and call them. Prometheus metrics (router/metrics.py)
 are collected always and served over HTTP on metrics_listen when it is set.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Coroutine
 from typing import Any
 
@@ -20,9 +24,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from common.config import RouterConfig
+from common.config import HttpConfig, RouterConfig, SecurityConfig
+from common.security import HTTP_OPEN_PATHS, FrontSecurity, check_worker_link, warn_if_plaintext
 from protos import inference_pb2
 from router.cache_policy import CachePolicy
+from router.http.app import HttpServer, Middleware
+from router.http.front import Front
 from router.metrics import PoolMetrics
 from router.scheduler import Scheduler, Snapshot
 from router.service import InferenceServicer
@@ -33,6 +40,9 @@ from router.workers import WorkerRegistry
 log = logging.getLogger(__name__)
 
 INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+# A health "service" SERVING while the process runs, workers or not: a liveness probe checks it
+# (the overall status is NOT_SERVING without workers, which must not get the router restarted).
+LIVENESS_SERVICE = "liveness"
 # The gRPC layer's own size limit sits a little above max_request_bytes: requests between the two
 # reach validation and get a clear INVALID_ARGUMENT, anything bigger is cut off by gRPC itself.
 GRPC_MESSAGE_HEADROOM_BYTES = 64 << 10
@@ -41,9 +51,23 @@ STOP_GRACE_S = 1.0
 
 
 class RouterServer:
-    def __init__(self, config: RouterConfig, limits: RequestLimits) -> None:
+    def __init__(
+        self,
+        config: RouterConfig,
+        limits: RequestLimits,
+        http: HttpConfig | None = None,
+        model_name: str = "",
+        http_middlewares: tuple[Middleware, ...] = (),
+        security: SecurityConfig | None = None,
+    ) -> None:
         self._config = config
+        self._security_config = security or SecurityConfig()
+        self._health_server: grpc.aio.Server | None = None
         self._limits = limits
+        self._http_config = http  # None or listen None: no HTTP front
+        self._model_name = model_name
+        self._http_middlewares = http_middlewares
+        self._http: HttpServer | None = None
         self._draining = False
         self._stopped = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -53,6 +77,8 @@ class RouterServer:
         self.metrics = PoolMetrics()
         self.metrics_port = 0  # the HTTP metrics endpoint's port; 0 = not served
         self.grpc_port = 0
+        self.http_port = 0  # 0 = no HTTP front
+        self.health_port = 0  # the plain-text health-only port (health_listen); 0 = not served
         self.zmq_endpoint = ""
 
     async def start(self) -> None:
@@ -64,7 +90,9 @@ class RouterServer:
 
     async def _start(self) -> None:
         config = self._config
-        self._transport = Transport(config.zmq_bind)
+        check_worker_link(config.zmq_bind, self._security_config)
+        self.security = FrontSecurity.load(self._security_config, self.metrics.on_refused)
+        self._transport = Transport(config.zmq_bind, self._security_config.curve, self.metrics.on_refused)
         self.zmq_endpoint = self._transport.endpoint
         cache_policy = CachePolicy(self.metrics) if config.cache_aware else None
         self._registry = WorkerRegistry(
@@ -77,9 +105,16 @@ class RouterServer:
             log.info("serving Prometheus metrics on %s", config.metrics_listen)
         self._health = health_aio.HealthServicer()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         self._server = self._build_grpc_server()
-        self.grpc_port = _bind(self._server, config.listen)
+        self.grpc_port = _bind(self._server, config.listen, self.security)
         await self._server.start()
+        if config.health_listen is not None:
+            self._health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_server)
+            self.health_port = _bind(self._health_server, config.health_listen)
+            await self._health_server.start()
+        await self._start_http()
         self._spawn(self._transport.run(self._registry.receive), "worker socket")
         self._spawn(self._registry.run_heartbeats(), "heartbeats")
         self._spawn(self._follow_health(), "health")
@@ -89,6 +124,36 @@ class RouterServer:
             config.listen,
             self.zmq_endpoint,
         )
+
+    async def _start_http(self) -> None:
+        http = self._http_config
+        if http is None or http.listen is None:
+            return
+        front = Front(
+            scheduler=self._scheduler,
+            registry=self._registry,
+            metrics=self.metrics,
+            limits=self._limits,
+            config=http,
+            is_draining=lambda: self._draining,
+            model_name=self._model_name,
+            started_unix=int(time.time()),
+        )
+        # With API keys set, the API needs a key; the page's files hold nothing and stay open
+        # (the page itself goes with health: open unless open_health is false).
+        guards = self.security.http_middlewares((*HTTP_OPEN_PATHS, "/"), open_prefixes=("/static/",))
+        ssl_context = self.security.ssl_context()
+        warn_if_plaintext("HTTP", http.listen, self._security_config.tls)
+        self._http = HttpServer(front, http.listen, (*guards, *self._http_middlewares), ssl_context)
+        await self._http.start(STOP_GRACE_S)
+        self.http_port = self._http.port
+        log.info("serving the OpenAI-compatible HTTP front on port %d (%s)", self.http_port, http.listen)
+
+    def reload_security(self) -> None:
+        """Re-read the TLS files, API keys and worker allowlist (SIGHUP)."""
+        self.security.reload()
+        if self._transport is not None and self._transport.curve is not None:
+            self._transport.curve.reload()
 
     def snapshot(self) -> Snapshot:
         return self._scheduler.snapshot()
@@ -116,6 +181,10 @@ class RouterServer:
         self._stopped = True
         if self._server is not None:
             await self._server.stop(STOP_GRACE_S)
+        if self._http is not None:
+            await self._http.stop()
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -128,13 +197,14 @@ class RouterServer:
 
     def _build_grpc_server(self) -> grpc.aio.Server:
         server = grpc.aio.server(
+            interceptors=self.security.grpc_interceptors(),
             options=[
                 (
                     "grpc.max_receive_message_length",
                     self._limits.max_request_bytes + GRPC_MESSAGE_HEADROOM_BYTES,
                 ),
                 ("grpc.so_reuseport", 0),  # a second router on the same port must fail, not share it
-            ]
+            ],
         )
         servicer = InferenceServicer(self._scheduler, self._limits, lambda: self._draining, self.metrics)
         _add_inference_service(servicer, server)
@@ -192,9 +262,13 @@ def _add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server)
     server.add_registered_method_handlers(INFERENCE_SERVICE, handlers)
 
 
-def _bind(server: grpc.aio.Server, address: str) -> int:
+def _bind(server: grpc.aio.Server, address: str, security: FrontSecurity | None = None) -> int:
+    """`security`: TLS when it has a certificate; None = a plain-text port (health only)."""
     try:
-        port = server.add_insecure_port(address)
+        if security is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = security.add_port(server, address, "gRPC")
     except RuntimeError as error:
         raise OSError(f"cannot listen for gRPC on {address}: {error}") from error
     if port == 0:

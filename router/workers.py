@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Protocol
 from google.protobuf.message import Message
 
 from common import wire
+from common.devices import DeviceGroupError, format_group, parse_group
 from protos import worker_pb2
 from router.metrics import PoolMetrics
 from router.transport import Transport
@@ -64,7 +65,7 @@ class WorkerState(enum.Enum):
 class WorkerRecord:
     identity: bytes  # ZeroMQ routing id of the worker's DEALER socket
     worker_id: str
-    device_id: int
+    device_id: str  # the worker's device group, "0" or "0,1" (common/devices.py)
     model_id: str
     context_size: int
     pid: int
@@ -169,7 +170,7 @@ class WorkerRegistry:
         """
         if self._by_identity.get(worker.identity) is not worker:
             return
-        log.warning("worker %s (device %d) lost: %s", worker.worker_id, worker.device_id, cause)
+        log.warning("worker %s (device %s) lost: %s", worker.worker_id, worker.device_id, cause)
         del self._by_identity[worker.identity]
         del self._by_worker_id[worker.worker_id]
         del self._slots[worker.slot][worker.identity]
@@ -235,7 +236,7 @@ class WorkerRegistry:
         worker = WorkerRecord(
             identity=identity,
             worker_id=hello.worker_id,
-            device_id=hello.device_id,
+            device_id=hello.device_group or str(hello.device_id),
             model_id=hello.model_id,
             context_size=hello.context_size,
             pid=hello.pid,
@@ -253,7 +254,7 @@ class WorkerRegistry:
             self._cache_policy.holds(identity, hello.held_prefix)
         self._transport.send(identity, self._welcome)
         log.info(
-            "worker %s registered: device %d, model %s, context %d, pid %d%s",
+            "worker %s registered: device %s, model %s, context %d, pid %d%s",
             worker.worker_id,
             worker.device_id,
             worker.model_id,
@@ -352,4 +353,10 @@ def _refusal(hello: worker_pb2.Hello) -> str:
         )
     if not hello.worker_id:
         return "hello without a worker_id"
+    if hello.device_group:
+        try:
+            if format_group(parse_group(hello.device_group)) != hello.device_group:
+                return f"device_group {hello.device_group!r} is not written as sorted ids such as '0,1'"
+        except DeviceGroupError as error:
+            return f"device_group: {error}"
     return ""

@@ -115,6 +115,7 @@ def pool_config(settings: Settings) -> dict:
             "reconnect_backoff_max_s": 0.5,
             "step_timeout_s": 2.0,
         },
+        "http": {"listen": f"127.0.0.1:{free_port()}"},  # not the default port: a pool may run beside it
     }
 
 

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from common.config import ConfigError, load_config
+from common.security import SecurityError, check_worker_link
 from supervisor.supervisor import Supervisor, cpu_budget_problem
 
 
@@ -31,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as error:
+        print(f"supervisor: config {args.config}: {error}", file=sys.stderr)
+        return 2
+    try:  # refused here once, not by every worker in a restart loop
+        check_worker_link(args.router or config.router.zmq_bind, config.security)
+    except SecurityError as error:
         print(f"supervisor: config {args.config}: {error}", file=sys.stderr)
         return 2
     problem = cpu_budget_problem(config, cores=len(os.sched_getaffinity(0)))

@@ -88,13 +88,13 @@ class Supervisor:
         self._router = None if remote_router else self._child("router", ["-m", "router", "--config", path])
         self._workers = [
             self._child(
-                f"worker dev{device}-w{index}",
-                ["-m", "worker", "--config", path, "--dev-id", str(device), "--index", str(index)]
+                f"worker dev{group}-w{index}",
+                ["-m", "worker", "--config", path, "--dev-id", group, "--index", str(index)]
                 + (["--router", remote_router] if remote_router else []),
                 reports_restarts=True,
-                DEV_ID=str(device),
+                DEV_ID=group,
             )
-            for device in config.workers.devices
+            for group in config.workers.groups
             for index in range(config.workers.per_device)
         ]
         self._signals: list[int] = []
@@ -112,9 +112,15 @@ class Supervisor:
     def _children(self) -> list[Child]:
         return ([self._router] if self._router else []) + self._workers
 
+    def _forward_reload(self) -> None:
+        """SIGHUP: the router re-reads its keys and certificates (workers load theirs at start)."""
+        if self._router is not None:
+            _send(self._router, signal.SIGHUP)
+
     def run(self) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda received, _frame: self._signals.append(received))
+        signal.signal(signal.SIGHUP, lambda _signum, _frame: self._forward_reload())
         log.info(
             "starting %s and %d workers", "the router" if self._router else "no router", len(self._workers)
         )

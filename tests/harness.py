@@ -95,6 +95,7 @@ def fast_test_settings(grpc_port: int, zmq_port: int) -> dict[str, Any]:
             "reconnect_backoff_s": 0.05,
             "reconnect_backoff_max_s": 0.5,
         },
+        "http": {"listen": f"127.0.0.1:{free_port()}"},  # never the default port 8000: tests run side by side
     }
 
 

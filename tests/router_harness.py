@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,9 +38,39 @@ def async_test(test: Callable[..., Awaitable[None]]) -> Callable[..., None]:
 
     @functools.wraps(test)
     def run(*args: Any, **kwargs: Any) -> None:
-        asyncio.run(asyncio.wait_for(test(*args, **kwargs), TEST_TIMEOUT_S))
+        asyncio.run(_guarded(test(*args, **kwargs)))
 
     return run
+
+
+class _ErrorRecords(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(
+            f"{record.name}: {record.getMessage()} {record.exc_info and record.exc_info[1]!r}"
+        )
+
+
+async def _guarded(test: Awaitable[None]) -> None:
+    """The test, cut off after TEST_TIMEOUT_S; then fail if anything raised where no one awaited it (a
+    router callback, a timer, a task nobody read) or the router logged an error: both are bugs the
+    router survives by design (it logs them and serves on), so only this check makes them visible."""
+    unhandled: list[str] = []
+    asyncio.get_running_loop().set_exception_handler(
+        lambda _loop, context: unhandled.append(f"{context.get('message')}: {context.get('exception')!r}")
+    )
+    router_errors = _ErrorRecords()
+    router_log = logging.getLogger("router")
+    router_log.addHandler(router_errors)
+    try:
+        await asyncio.wait_for(test, TEST_TIMEOUT_S)
+    finally:
+        router_log.removeHandler(router_errors)
+    assert not unhandled, f"errors the event loop caught: {unhandled}"
+    assert not router_errors.messages, f"the router logged errors: {router_errors.messages}"
 
 
 async def eventually(condition: Callable[[], bool], what: str = "condition") -> None:
@@ -132,11 +163,21 @@ def request(prompt: str = "你好", **params: Any) -> inference_pb2.CompletionRe
 class EmulatedWorker:
     """A worker process stand-in: a DEALER socket driven step by step by the test."""
 
-    def __init__(self, endpoint: str, worker_id: str, *, routing_id: bytes | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        worker_id: str,
+        *,
+        routing_id: bytes | None = None,
+        secure: Callable[[zmq.Socket], None] | None = None,
+    ) -> None:
+        """`secure`: applied to the socket before it connects (e.g. CurveClient.secure)."""
         self.worker_id = worker_id
         self._context = zmq.asyncio.Context.instance()
         self.socket = self._context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        if secure is not None:
+            secure(self.socket)
         if routing_id is not None:
             self.socket.setsockopt(zmq.ROUTING_ID, routing_id)
         self.socket.connect(endpoint)
@@ -249,6 +290,24 @@ class EmulatedWorker:
             await asyncio.sleep(HEARTBEAT_S)
             if self._heartbeating:
                 self.send(worker_pb2.Heartbeat(busy_request_id=self.current or ""))
+
+
+@contextlib.asynccontextmanager
+async def background(*coroutines: Coroutine[Any, Any, None]) -> AsyncIterator[list[asyncio.Task[None]]]:
+    """Run `coroutines` as tasks for the block, then cancel them; one that failed (an assertion in an
+    emulated worker's loop) fails the test with its own error instead of being lost with the task."""
+    tasks = [asyncio.create_task(coroutine) for coroutine in coroutines]
+    try:
+        yield tasks
+    finally:
+        for task in tasks:
+            task.cancel()
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        failures = [
+            o for o in outcomes if isinstance(o, BaseException) and not isinstance(o, asyncio.CancelledError)
+        ]
+        if failures:
+            raise failures[0]
 
 
 @contextlib.asynccontextmanager

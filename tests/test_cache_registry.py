@@ -1,15 +1,30 @@
-"""The registry's side of cache-aware dispatch, with a real router (gRPC, ZeroMQ) and emulated
+"""The registry's side of cache-aware dispatch, with a real router (gRPC, ZeroMQ, HTTP) and emulated
 workers: what workers report in their Hello and final chunks steers the choice of idle worker,
-an error's empty report clears it, and x-session-id travels to the worker in the Generate."""
+an error's empty report clears it, and x-session-id (gRPC metadata or HTTP header) travels to the
+worker in the Generate."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 
+import aiohttp
+
 from common import wire
+from common.config import HttpConfig
 from common.prefix_hash import conversation_hashes
 from protos import inference_pb2, worker_pb2
-from tests.router_harness import async_test, read_all, running_router, unregistered_worker, workers
+from router.server import RouterServer
+from router.validation import RequestLimits
+from tests.router_harness import (
+    async_test,
+    free_port,
+    read_all,
+    router_config,
+    running_router,
+    unregistered_worker,
+    workers,
+)
 
 SYSTEM = "You are a helpful assistant."
 
@@ -110,3 +125,23 @@ async def test_the_session_id_reaches_the_worker():
         assert generate.session_id == "chat-7"
         await worker.serve(generate, ["ok"])
         await read_all(call)
+
+
+@async_test
+async def test_the_http_front_passes_the_session_header_on():
+    http = HttpConfig(listen=f"127.0.0.1:{free_port()}")
+    server = RouterServer(router_config(), RequestLimits(1 << 20, 512), http, "test-model")
+    await server.start()
+    try:
+        async with workers(server.zmq_endpoint, "w1") as (worker,), aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{server.http_port}/v1/chat/completions"
+            body = {"model": "test-model", "messages": [{"role": "user", "content": "hi"}]}
+            bad = await session.post(url, json=body, headers={"X-Session-Id": "x" * 200})
+            assert bad.status == 400 and "x-session-id" in (await bad.json())["error"]["message"]
+            answer = asyncio.ensure_future(session.post(url, json=body, headers={"X-Session-Id": "chat-9"}))
+            generate = await worker.next_generate()
+            assert generate.session_id == "chat-9"
+            await worker.serve(generate, ["ok"])
+            assert (await answer).status == 200
+    finally:
+        await server.stop()

@@ -34,7 +34,10 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @pytest.mark.timeout(90)
-def test_sigterm_drains_in_flight_streams_refuses_new_calls_and_the_pool_exits_zero(procs, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_or_sigint_drains_in_flight_streams_refuses_new_calls_and_the_pool_exits_zero(
+    procs, tmp_path, signum
+):
     pool = start_echo_pool(
         procs, tmp_path, router={"drain_timeout_s": 30.0}, tokens_per_second=20.0, tokens_per_request=100
     )
@@ -43,7 +46,7 @@ def test_sigterm_drains_in_flight_streams_refuses_new_calls_and_the_pool_exits_z
     for stream in in_flight:
         stream.wait_frames(2)
 
-    pool.supervisor.signal(signal.SIGTERM)
+    pool.supervisor.signal(signum)
     wait_until(lambda: health_status(pool.config.grpc_address) == NOT_SERVING, "health NOT_SERVING")
     (refused,) = run_streams(stub, [unique_prompt("too-late")])
     assert_failed(refused, grpc.StatusCode.UNAVAILABLE, "the router is shutting down (draining)")

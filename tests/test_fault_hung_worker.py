@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import grpc
 import pytest
@@ -16,6 +17,7 @@ from tests.fault_clients import (
     LiveStream,
     assert_complete,
     assert_failed,
+    expected_text,
     registrations,
     request,
     run_streams,
@@ -68,6 +70,38 @@ def test_a_stopped_worker_is_dropped_gets_no_work_and_rejoins_cleanly_after_sigc
         assert_complete(outcome)
         assert outcome.worker_ids == {frozen}
     hold.cancel()
+
+
+@pytest.mark.timeout(120)
+def test_a_freeze_shorter_than_the_liveness_window_goes_unnoticed(procs, tmp_path):
+    # A 6 s window (12 x 0.5 s) and a 1 s freeze: room for a busy machine on either side.
+    router = {"heartbeat_interval_s": 0.5, "liveness": 12}
+    pool = start_echo_pool(
+        procs,
+        tmp_path,
+        router=router,
+        workers={"devices": [0]},
+        tokens_per_second=10.0,
+        tokens_per_request=30,
+    )
+    stub = inference_stub(pool.channel)
+    (worker_id,) = registrations(pool.supervisor)
+    prompt = unique_prompt("paused")
+    paused = LiveStream(stub, prompt)
+    paused.wait_frames(2)
+    os.kill(worker_pid(worker_id), signal.SIGSTOP)
+    try:
+        time.sleep(1.0)  # the freeze itself (no assertion depends on this time)
+    finally:
+        os.kill(worker_pid(worker_id), signal.SIGCONT)
+    outcome = paused.result()
+    assert_complete(outcome)
+    assert outcome.text == expected_text(prompt, 30) and outcome.worker_ids == {worker_id}
+    assert_complete(LiveStream(stub, unique_prompt("after"), **SHORT).result())
+    log = pool.supervisor.log()
+    assert registrations(pool.supervisor) == [worker_id], "the worker registered again"
+    for sign_of_a_loss in ("was lost", "abandoned", "sent nothing for", "reconnecting", "restarting"):
+        assert sign_of_a_loss not in log, sign_of_a_loss
 
 
 @pytest.mark.timeout(120)

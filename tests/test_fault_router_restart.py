@@ -6,6 +6,8 @@ when the router comes back, and can check that the workers were never restarted.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import grpc
 import pytest
 
@@ -26,6 +28,13 @@ from tests.harness import (
     wait_until,
     write_config,
 )
+
+
+def rpc_error(call: Callable[[], object]) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as raised:
+        call()
+    return raised.value
+
 
 # A few seconds, as the issue asks: the workers' reconnect backoff is 0.05-0.5 s in tests.
 NEW_REQUEST_DEADLINE_S = 15.0
@@ -52,6 +61,9 @@ def test_workers_register_again_with_a_restarted_router_without_being_restarted(
         worker.wait_for_log(r"router silent for [\d.]+ s; reconnecting")
     (busy,) = [worker for worker in workers if serving.endswith(f"-{worker.pid}")]
     busy.wait_for_log(r"request \w+: abandoned \(router silent")
+    with open_channel(config.grpc_address) as channel:  # nobody listening: new calls fail at once
+        down = rpc_error(lambda: list(inference_stub(channel).StreamComplete(request("down"), timeout=30)))
+    assert down.code() == grpc.StatusCode.UNAVAILABLE, down.details()
 
     new_router = procs.start("router", [*ROUTER_ARGS, str(config.path)])
     with open_channel(config.grpc_address) as channel:

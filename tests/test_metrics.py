@@ -21,6 +21,7 @@ from protos import worker_pb2
 from router.calls import MAX_REQUEST_ID_CHARS, REQUEST_ID_KEY
 from tests.harness import ProcessSet, inference_stub, start_pool, wait_until, write_config
 from tests.harness import free_port as free_port_for_processes
+from tests.raw_grpc import raw_unary_call
 from tests.router_harness import (
     async_test,
     eventually,
@@ -254,6 +255,24 @@ async def test_an_unusable_request_id_is_refused_and_a_usable_one_is_returned_an
 
 
 @async_test
+async def test_a_non_ascii_request_id_is_refused():
+    """A grpc client will not send one, but HTTP/2 carries any byte: the router must refuse it too."""
+    async with running_router() as router, workers(router.endpoint, "w1") as (worker,):
+        headers = [(REQUEST_ID_KEY.encode(), "trace-é".encode())]
+        path = "/InferenceService/StreamComplete"
+        answer = await asyncio.to_thread(
+            raw_unary_call, router.server.grpc_port, path, request("hi"), headers
+        )
+        assert answer["grpc-status"] == str(grpc.StatusCode.INVALID_ARGUMENT.value[0]), answer
+        assert (
+            f"{REQUEST_ID_KEY} metadata must be 1 to {MAX_REQUEST_ID_CHARS} printable ASCII"
+            in (answer["grpc-message"])
+        )
+        assert re.fullmatch(r"[0-9a-f]{16}", answer[REQUEST_ID_KEY])
+        assert worker.pending("generate") == 0
+
+
+@async_test
 async def test_each_call_ends_with_one_log_line_carrying_its_request_id_and_timings(caplog):
     caplog.set_level(logging.INFO, logger="router.calls")
     async with running_router() as router, workers(router.endpoint, "w1") as (worker,):
@@ -267,13 +286,13 @@ async def test_each_call_ends_with_one_log_line_carrying_its_request_id_and_timi
         await eventually(lambda: len(call_lines(caplog)) == 2, "two completion lines")
     served, rejected = call_lines(caplog)
     assert re.fullmatch(
-        r"request trace-42: StreamComplete OK, finish stop, worker w1; queue \d+\.\d{3} s, "
+        r"request trace-42: grpc StreamComplete OK, finish stop, worker w1; queue \d+\.\d{3} s, "
         r"first token \d+\.\d{3} s, total \d+\.\d{3} s; prompt 7 tokens, 2 tokens; "
         r"0 prompt tokens from the KV cache",
         served,
     ), served
     assert re.fullmatch(
-        r"request trace-43: Complete INVALID_ARGUMENT, not admitted; total \d+\.\d{3} s", rejected
+        r"request trace-43: grpc Complete INVALID_ARGUMENT, not admitted; total \d+\.\d{3} s", rejected
     )
 
 
@@ -294,7 +313,7 @@ def test_the_pool_serves_metrics_and_logs_the_request_id_in_router_and_worker(tm
         assert frames[-1].finished
         worker_id = frames[-1].worker_id
         router_line = pool.supervisor.wait_for_log(
-            r"router\.calls: request e2e-req-1: StreamComplete OK[^\n]*"
+            r"router\.calls: request e2e-req-1: grpc StreamComplete OK[^\n]*"
         )
         assert f"worker {worker_id};" in router_line.group(0)
         pool.supervisor.wait_for_log(rf"worker {re.escape(worker_id)}: request e2e-req-1: started")

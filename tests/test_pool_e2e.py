@@ -14,6 +14,7 @@ import math
 import os
 import re
 import signal
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,6 +24,7 @@ import grpc
 import pytest
 import yaml
 
+from common.config import load_config
 from protos import inference_pb2 as api
 from tests.harness import (
     REPO,
@@ -38,7 +40,8 @@ from tests.harness import (
     wait_until,
     write_config,
 )
-from worker.core.request import ASSISTANT, USER, Turn
+from worker.core.engine import Engine, load_engine
+from worker.core.request import ASSISTANT, USER, ChatRequest, SamplingParams, Turn
 from worker.core.tokenizer import load_tokenizer
 
 MODEL_NAME = "tiny-chat"
@@ -183,6 +186,56 @@ def test_complete_equals_the_concatenated_stream(pool):
     assert completion.prompt_tokens == frames[-1].prompt_tokens > 0
     assert completion.model_id == MODEL_NAME and completion.worker_id
     assert completion.create_time.seconds > 0
+
+
+# ---- every generation parameter reaches the engine: the pool's answer is the engine's own answer
+# with that parameter (run here in the test, from the pool's config), and not its answer without it
+
+
+@pytest.fixture(scope="module")
+def engine(pool: Pool) -> Engine:
+    """The engine a pool worker runs (same model, same configured defaults), in the test process."""
+    return load_engine(load_config(pool.config.path).model, device_id=0)
+
+
+QUESTION = "Tell me a story about a cat."
+
+
+def engine_text(engine: Engine, **params: Any) -> str:
+    request = ChatRequest(SYSTEM, (Turn(USER, QUESTION),), SamplingParams(**params))
+    return "".join(chunk.text for chunk in engine.generate(request, threading.Event()))
+
+
+SAMPLED = {"temperature": 1.0, "seed": 7}
+# The parameter under test, and what the same request is without it (or with another value).
+PARAMETERS = {
+    "temperature and seed": ({"temperature": 1.5, "seed": 11}, {"seed": 11}),
+    "seed": ({"temperature": 1.5, "seed": 11}, {"temperature": 1.5, "seed": 12}),
+    "top_k": ({**SAMPLED, "top_p": 1.0, "top_k": 1}, {**SAMPLED, "top_p": 1.0}),
+    "top_p": ({**SAMPLED, "top_k": 0, "top_p": 0.05}, {**SAMPLED, "top_k": 0}),
+    "repetition_penalty": ({"repetition_penalty": 3.0}, {}),
+    "max_new_tokens": ({"max_new_tokens": 5}, {}),
+}
+
+
+@pytest.mark.parametrize("name", PARAMETERS, ids=list(PARAMETERS))
+def test_each_generation_parameter_reaches_the_engine(pool, engine, name):
+    params, without = PARAMETERS[name]
+    frames = stream(pool, ask(QUESTION, **params))
+    expected = engine_text(engine, **params)
+    assert expected != engine_text(engine, **without), f"{name} makes no difference to this request"
+    assert text_of(frames) == expected, f"the pool's answer is not the engine's answer with {name}"
+    assert frames[-1].token_usage == params.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+
+
+def test_stop_strings_reach_the_engine_and_cut_the_answer(pool, engine):
+    full = engine_text(engine)
+    stop = full[len(full) // 2 :][:3]  # three characters from the middle of the greedy answer
+    assert stop.strip() and full.index(stop) > 0, full
+    frames = stream(pool, ask(QUESTION, stop=["never appears 🙂", stop]))
+    assert text_of(frames) == engine_text(engine, stop=(stop,)) == full[: full.index(stop)]
+    assert frames[-1].finish_reason == api.STOP
+    assert frames[-1].token_usage < DEFAULT_MAX_NEW_TOKENS
 
 
 # ---- every invalid input class: INVALID_ARGUMENT naming the problem
@@ -338,6 +391,7 @@ def default_model_config(directory: Path) -> ConfigFile:
     raw = yaml.safe_load((REPO / "configs" / "default.yaml").read_text(encoding="utf-8"))
     grpc_port, zmq_port = free_port(), free_port()
     raw["router"].update(listen=f"127.0.0.1:{grpc_port}", zmq_bind=f"tcp://127.0.0.1:{zmq_port}")
+    raw["http"]["listen"] = f"127.0.0.1:{free_port()}"  # not the shipped 8000: another pool may hold it
     raw["workers"]["allow_cpu_oversubscription"] = True
     path = directory / "default.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
@@ -350,7 +404,7 @@ def test_the_default_model_answers_the_seed_request(tmp_path):
         config = default_model_config(tmp_path)
         assert config.raw["model"]["path"] == "builtin:smollm2" and config.raw["workers"]["devices"] == [0, 1]
         supervisor = procs.start("supervisor", ["-m", "supervisor", "--config", str(config.path)])
-        wait_serving(config.grpc_address, supervisor)
+        wait_serving(config.grpc_address, supervisor, MODEL_LOAD_S)  # SERVING = the first worker loaded
         wait_until(lambda: len(registered_worker_ids(supervisor)) == 2, "2 workers loaded", MODEL_LOAD_S)
         pool = Pool(supervisor, config, open_channel(config.grpc_address))
         seed_greedy = api.CompletionRequest()

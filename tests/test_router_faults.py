@@ -4,6 +4,7 @@ Real router, real gRPC clients, emulated workers on real ZeroMQ sockets."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 
 import grpc
@@ -15,6 +16,7 @@ from protos import inference_pb2, worker_pb2
 from tests.router_harness import (
     EmulatedWorker,
     async_test,
+    background,
     eventually,
     expect_status,
     read_all,
@@ -109,6 +111,29 @@ async def test_a_request_on_a_lost_worker_that_sent_nothing_runs_again_elsewhere
 
 
 @async_test
+async def test_a_request_run_again_goes_ahead_of_the_requests_already_waiting():
+    async with running_router() as router, workers(router.endpoint, "w1", "w2") as (w1, w2):
+        first, generate_1 = await router.started_stream(w1, "first")
+        second, generate_2 = await router.started_stream(w2, "second")
+        waiting = await router.queued_stream("waiting")
+        w1.stop_heartbeats()
+        await w1.next("disconnect")
+        await eventually(
+            lambda: router.server.snapshot().queued == 2, "the lost worker's request queued again"
+        )
+        await w2.serve(generate_2, ["done"])
+        next_up = await w2.next_generate()
+        assert next_up.request_id == generate_1.request_id, (
+            "the re-dispatched request waited behind the queue"
+        )
+        await w2.serve(next_up, ["first again"])
+        assert "".join(frame.output_text for frame in await read_all(first)) == "first again"
+        assert [frame.output_text for frame in await read_all(second)] == ["done"]
+        assert (await w2.next_generate()).history[0].content == "waiting"
+        waiting.cancel()
+
+
+@async_test
 async def test_a_request_on_a_lost_worker_that_already_sent_frames_fails_with_unavailable():
     async with running_router() as router, workers(router.endpoint, "w1", "w2") as (w1, w2):
         call, generate = await router.started_stream(w1, "x")
@@ -146,16 +171,32 @@ async def test_a_worker_that_disconnects_is_lost_and_its_request_runs_again():
 
 
 @async_test
-async def test_a_generation_the_worker_cancelled_on_its_own_runs_again():
+async def test_a_generation_the_worker_cancelled_on_its_own_runs_again(caplog):
+    caplog.set_level(logging.WARNING, logger="router.scheduler")
     async with running_router() as router, workers(router.endpoint, "w1") as (worker,):
         call, generate = await router.started_stream(worker, "x")
         worker.chunk(generate.request_id, "", 0, finish=worker_pb2.FINISH_CANCELLED)
         frames = await serve_the_rerun(worker, generate, call, "second try")
         assert "".join(frame.output_text for frame in frames) == "second try"
+    assert [record.getMessage() for record in caplog.records if record.name == "router.scheduler"] == [
+        f"request {generate.request_id} will run again: worker w1 cancelled the generation on its own"
+    ]
 
 
 @async_test
-async def test_chunks_for_requests_a_worker_is_not_running_are_dropped():
+async def test_a_generation_cancelled_by_its_worker_twice_fails_with_unavailable_naming_the_cause():
+    async with running_router() as router, workers(router.endpoint, "w1") as (worker,):
+        call, generate = await router.started_stream(worker, "x")
+        worker.chunk(generate.request_id, "", 0, finish=worker_pb2.FINISH_CANCELLED)
+        again = await worker.next_generate()
+        worker.chunk(again.request_id, "", 0, finish=worker_pb2.FINISH_CANCELLED)
+        details = await expect_status(read_all(call), grpc.StatusCode.UNAVAILABLE)
+    assert details == "worker w1 cancelled the generation on its own while serving this request"
+
+
+@async_test
+async def test_chunks_for_requests_a_worker_is_not_running_are_dropped(caplog):
+    caplog.set_level(logging.WARNING, logger="router.scheduler")
     async with running_router() as router, workers(router.endpoint, "w1", "w2") as (w1, w2):
         call_1, generate_1 = await router.started_stream(w1, "one")
         call_2, generate_2 = await router.started_stream(w2, "two")
@@ -176,6 +217,14 @@ async def test_chunks_for_requests_a_worker_is_not_running_are_dropped():
     assert "".join(frame.output_text for frame in rest_1) == ""
     assert "".join(frame.output_text for frame in frames_2) == "theirs"
     assert "".join(frame.output_text for frame in frames_3) == "clean"
+    dropped = [record.getMessage() for record in caplog.records if record.name == "router.scheduler"]
+    assert dropped == [
+        f"dropped a chunk for request '{generate_2.request_id}' from worker w1: "
+        f"it is running '{generate_1.request_id}'",
+        f"dropped a chunk for request 'no-such-request' from worker w1: "
+        f"it is running '{generate_1.request_id}'",
+        f"dropped a chunk for request '{generate_1.request_id}' from worker w1: it is running nothing",
+    ]
 
 
 @async_test
@@ -297,14 +346,14 @@ async def test_a_cancel_storm_leaves_no_request_behind():
                 await call.read()
             call.cancel()
 
-        servers = [asyncio.create_task(serve_until_cancelled(worker)) for worker in pool]
-        await asyncio.gather(*(client() for _ in range(40)))
-        await eventually(
-            lambda: router.server.snapshot().workers_idle == 3 and router.server.snapshot().open_calls == 0,
-            "every worker idle and every call closed",
-        )
-        for task in servers:
-            task.cancel()
+        async with background(*(serve_until_cancelled(worker) for worker in pool)):
+            await asyncio.gather(*(client() for _ in range(40)))
+            await eventually(
+                lambda: (
+                    router.server.snapshot().workers_idle == 3 and router.server.snapshot().open_calls == 0
+                ),
+                "every worker idle and every call closed",
+            )
         snapshot = router.server.snapshot()
         assert (snapshot.queued, snapshot.running, snapshot.workers_lost) == (0, 0, 0)
         assert all(worker.overlaps == [] for worker in pool)

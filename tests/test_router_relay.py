@@ -78,6 +78,55 @@ async def test_an_update_of_a_far_behind_client_is_cut_between_chunks_to_bound_t
 
 
 @async_test
+async def test_repeated_cuts_for_a_far_behind_client_keep_every_frame_within_the_bound():
+    job = Job("r", worker_pb2.Generate())
+    third = MAX_UPDATE_CHARS // 3
+    sizes = [MAX_UPDATE_CHARS - 2 * third, third, third] * 3  # three parts fill a frame exactly
+    for tokens, size in enumerate(sizes, start=1):
+        job.push(chunk(str(tokens) * size, tokens, created=100 * tokens))
+    job.push(chunk("", 10, finish=worker_pb2.FINISH_STOP, created=1000))
+    updates = [await job.next_update() for _ in range(3)]
+    assert [(len(update.text), update.completion_tokens) for update in updates] == [
+        (MAX_UPDATE_CHARS, 3),
+        (MAX_UPDATE_CHARS, 6),
+        (MAX_UPDATE_CHARS, 10),  # the rest fits in one frame: it goes with the final chunk
+    ]
+    assert "".join(update.text for update in updates) == "".join(
+        str(n) * size for n, size in enumerate(sizes, start=1)
+    )
+    assert [update.prompt_tokens for update in updates] == [3, 3, 3]
+    assert [update.error_message for update in updates] == ["", "", ""]
+    assert [update.final for update in updates] == [False, False, True]
+    # Only the first cut knows when its oldest text was made; the later ones say "unknown" (0).
+    assert [update.created_unix_nanos for update in updates] == [100, 0, 0]
+
+
+@async_test
+async def test_a_failed_job_with_a_backlog_over_the_bound_raises_at_once():
+    job = Job("r", worker_pb2.Generate())
+    for tokens in range(1, 4):
+        job.push(chunk("x" * MAX_UPDATE_CHARS, tokens))
+    job.fail(grpc.StatusCode.UNAVAILABLE, "worker gone")
+    try:
+        update = await job.next_update()
+    except JobFailed as failure:
+        assert failure.message == "worker gone"
+    else:
+        raise AssertionError(f"a failed job handed out {len(update.text)} more characters")
+
+
+@async_test
+async def test_an_error_chunk_without_a_message_still_says_what_failed():
+    job = Job("r", worker_pb2.Generate())
+    job.push(worker_pb2.Chunk(request_id="r", completion_tokens=0, finish_reason=worker_pb2.FINISH_ERROR))
+    update = await job.next_update()
+    assert (update.error_kind, update.error_message) == (
+        worker_pb2.ERROR_ENGINE,
+        "the engine failed without a message",
+    )
+
+
+@async_test
 async def test_complete_takes_the_whole_answer_however_long():
     job = Job("r", worker_pb2.Generate())
     job.push(chunk("a" * MAX_UPDATE_CHARS, 1))

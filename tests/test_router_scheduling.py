@@ -11,6 +11,7 @@ from protos import inference_pb2
 from tests.router_harness import (
     EmulatedWorker,
     async_test,
+    background,
     eventually,
     expect_status,
     read_all,
@@ -84,11 +85,9 @@ async def test_more_requests_than_workers_never_share_a_worker_and_all_complete(
                 content = generate.history[0].content
                 await worker.serve(generate, [content, "/", worker.worker_id])
 
-        servers = [asyncio.create_task(serve_forever(worker)) for worker in pool]
         prompts = [f"q{index}" for index in range(12)]
-        answers = await asyncio.gather(*(read_all(router.stream(prompt)) for prompt in prompts))
-        for task in servers:
-            task.cancel()
+        async with background(*(serve_forever(worker) for worker in pool)):
+            answers = await asyncio.gather(*(read_all(router.stream(prompt)) for prompt in prompts))
         for prompt, frames in zip(prompts, answers, strict=True):
             text = "".join(frame.output_text for frame in frames)
             assert text == f"{prompt}/{frames[-1].worker_id}"
@@ -140,6 +139,18 @@ async def test_a_request_waiting_past_its_grpc_deadline_never_reaches_a_worker()
         await expect_status(read_all(call), grpc.StatusCode.DEADLINE_EXCEEDED)
         await eventually(lambda: router.server.snapshot().queued == 0, "the queue emptied")
         await router.assert_the_next_request_reaches_a_worker()
+
+
+@async_test
+async def test_a_request_waiting_past_its_grpc_deadline_is_told_why_before_the_client_gives_up():
+    async with running_router(queue_timeout_s=30.0) as router:
+        streamed = router.stub.StreamComplete(request("hurry"), timeout=3.0)
+        completed = router.stub.Complete(request("hurry too"), timeout=3.0)
+        expired = grpc.StatusCode.DEADLINE_EXCEEDED
+        for details in await asyncio.gather(
+            expect_status(read_all(streamed), expired), expect_status(completed, expired)
+        ):
+            assert details == "no worker became free before the call's deadline: the request was not started"
 
 
 @async_test

@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from protos import inference_pb2
-from router.validation import RequestLimits, ValidationError, validate
+from router.validation import RequestLimits, ValidationError, parse_request, validate
 from tests.router_harness import async_test, expect_status, read_all, running_router, workers
 
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT
@@ -81,6 +81,51 @@ def test_the_limits_themselves_are_accepted():
     assert (params.repetition_penalty, params.max_new_tokens, params.seed) == (10.0, 512, 2**64 - 1)
     assert list(params.stop) == ["s" * 256] * 8
     assert generate.request_id == ""
+
+
+def test_the_messages_name_the_problem_exactly():
+    refusals = [
+        (make([]), "history is empty: it needs at least one user turn (role 1)"),
+        (
+            make([(1, "a"), (2, "b"), (2, "c")]),
+            "the last turn of history must be from the user (role 1), "
+            "history[2] is from the assistant (role 2)",
+        ),
+        (
+            parse_request(b"\x0a\x02\xff\xfe"),
+            "the request is not a valid CompletionRequest: "
+            "Error parsing message with type 'CompletionRequest': String field had bad UTF-8",
+        ),
+    ]
+    for request_, message in refusals:
+        with pytest.raises(ValidationError) as refused:
+            validate(request_, LIMITS)
+        assert str(refused.value) == message
+
+
+def test_the_lower_limits_and_the_exact_size_limit_are_accepted():
+    generate = validate(make(max_new_tokens=1, repetition_penalty=0.01, top_p=1e-6, temperature=0.0), LIMITS)
+    assert (generate.params.max_new_tokens, generate.params.repetition_penalty) == (1, pytest.approx(0.01))
+    at_limit = make([(1, "x")])
+    while at_limit.ByteSize() < LIMITS.max_request_bytes:
+        at_limit.history[0].content += "x"
+    assert at_limit.ByteSize() == LIMITS.max_request_bytes
+    assert validate(at_limit, LIMITS).history[0].content == at_limit.history[0].content
+    over = make([(1, at_limit.history[0].content + "x")])
+    with pytest.raises(ValidationError, match=f"request too large: {LIMITS.max_request_bytes + 1} bytes"):
+        validate(over, LIMITS)
+
+
+def test_parse_request_never_raises():
+    assert parse_request(make().SerializeToString()) == make()
+    assert "Wire format was corrupt" in parse_request(b"\x12\x02\x08").problem
+
+
+def test_the_stop_string_limit_counts_characters_not_bytes():
+    three_bytes_each = "停" * 256  # 768 bytes of UTF-8, 256 characters: allowed
+    assert list(validate(make(stop=[three_bytes_each]), LIMITS).params.stop) == [three_bytes_each]
+    with pytest.raises(ValidationError, match=r"stop\[0\] has 257 characters"):
+        validate(make(stop=["停" * 257]), LIMITS)
 
 
 def test_greedy_temperature_zero_stays_distinct_from_an_absent_temperature():

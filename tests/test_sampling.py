@@ -5,7 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from worker.core.sampling import Sampler, SamplingConfig, penalize_repetition, top_p_candidates
+from worker.core.sampling import (
+    _PARTIAL_SORT_SIZE,
+    Sampler,
+    SamplingConfig,
+    most_probable_first,
+    penalize_repetition,
+    softmax,
+    top_k_candidates,
+    top_p_candidates,
+)
 
 VOCAB = 1000
 
@@ -115,3 +124,53 @@ def test_large_vocabulary_sampling_returns_valid_ids():
 def test_invalid_settings_are_refused(setting, message):
     with pytest.raises(ValueError, match=message):
         SamplingConfig(**setting)
+
+
+def test_the_penalty_divides_positive_logits_multiplies_negative_ones_once_per_token():
+    logits = np.array([0.5, -0.5, 4.0, 0.0, 3.0], dtype=np.float32)
+    penalized = penalize_repetition(logits, [0, 1, 1, 2, 3], 2.0)
+    assert penalized.tolist() == [0.25, -1.0, 2.0, 0.0, 3.0]
+    assert logits.tolist() == [0.5, -0.5, 4.0, 0.0, 3.0]  # a new array: the caller's logits stay
+
+
+@pytest.mark.parametrize(("window", "expected"), [(0, 1), (1, 2), (2, 0)])
+def test_a_penalty_of_two_looks_back_exactly_penalty_window_tokens(window, expected):
+    logits = np.array([3.0, 3.5, 3.2], dtype=np.float32)
+    sampler = Sampler(SamplingConfig(repetition_penalty=2.0, penalty_window=window))
+    # History ends ...2, 1: window 0 = no penalty (1 wins), 1 = token 1 only (2 wins), 2 = both (0 wins).
+    assert sampler(logits, [2, 2, 1]) == expected
+
+
+def test_softmax_of_huge_logits_is_finite_and_exact():
+    probabilities = softmax(np.array([1000.0, 1000.0, 999.0], dtype=np.float32))
+    expected = np.exp([0.0, 0.0, -1.0]) / np.exp([0.0, 0.0, -1.0]).sum()
+    assert np.allclose(probabilities, expected, rtol=0, atol=1e-12)
+
+
+def test_top_p_stops_at_the_token_whose_predecessors_reach_the_mass():
+    ids, kept = top_p_candidates(np.array([7, 8, 9]), np.array([0.25, 0.5, 0.25]), 0.5)
+    assert (ids.tolist(), kept.tolist()) == ([8], [0.5])  # mass before the second is 0.5: not < 0.5
+
+
+def test_top_k_zero_keeps_every_token_and_top_k_cuts_to_the_best():
+    logits = np.arange(10, dtype=np.float32)
+    ids, values = top_k_candidates(logits, 0)
+    assert ids.tolist() == list(range(10)) and values.tolist() == logits.tolist()
+    ids, _ = top_k_candidates(logits, 3)
+    assert sorted(ids.tolist()) == [7, 8, 9]
+
+
+def test_the_nucleus_of_a_vocabulary_larger_than_the_partial_sort_is_its_most_probable_tokens():
+    rng = np.random.default_rng(5)
+    probabilities = rng.random(8 * _PARTIAL_SORT_SIZE)
+    probabilities /= probabilities.sum()
+    order = most_probable_first(probabilities, 0.01)
+    assert np.all(np.diff(probabilities[order]) <= 0)  # descending
+    assert set(order.tolist()) == set(np.argsort(probabilities)[-len(order) :].tolist())
+    assert probabilities[order].sum() >= 0.01
+
+
+def test_a_penalty_window_of_zero_is_accepted_and_a_negative_one_refused():
+    assert SamplingConfig(penalty_window=0).penalty_window == 0
+    with pytest.raises(ValueError, match="penalty_window must be >= 0, got -1"):
+        SamplingConfig(penalty_window=-1)

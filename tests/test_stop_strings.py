@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from itertools import pairwise
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -59,3 +60,24 @@ def test_output_is_the_text_before_the_first_stop_string(text, stop, cuts):
 
     assert stopped == (stop in text)
     assert "".join(emitted) == (text[: text.index(stop)] if stop in text else text)
+
+
+def test_every_proper_start_of_a_stop_string_is_held_back():
+    stop = "abcdef"
+    for length in range(1, len(stop)):  # each start, from one character to all but the last
+        stop_filter = StopStringFilter([stop])
+        assert stop_filter.push("xy" + stop[:length]) == "xy", length
+        assert stop_filter.push(stop[length:] + " tail") == ""
+        assert stop_filter.stopped
+
+
+def test_nothing_is_left_to_flush_after_a_stop_and_pushing_more_is_a_bug():
+    stop_filter = StopStringFilter(["END"])
+    assert stop_filter.push("done END and more") == "done "
+    assert stop_filter.flush() == ""
+    with pytest.raises(RuntimeError, match="push after the stop string was found"):
+        stop_filter.push("more")
+    flushed = StopStringFilter(["END"])
+    assert flushed.push("almost EN") == "almost "
+    assert flushed.flush() == "EN"
+    assert flushed.flush() == ""  # flushed once: nothing held back any more

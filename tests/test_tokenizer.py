@@ -102,6 +102,8 @@ def test_tokenizer_json_folder_with_byte_fallback(tiny_spm_tokenizer):
     ids = tiny_spm_tokenizer.encode("Once upon a time")
     assert ids[0] != 1
     assert tiny_spm_tokenizer.encode_prompt("Once upon a time") == [1, *ids]
+    # A template that writes BOS itself gets no second one (a double BOS changes a Llama's answer).
+    assert tiny_spm_tokenizer.encode_prompt("<s>Once upon a time") == [1, *ids]
     assert tiny_spm_tokenizer.decode(tiny_spm_tokenizer.encode("Lily 你好 🙂")) == "Lily 你好 🙂"
     assert len(tiny_spm_tokenizer.encode("你")) == 1 + 3  # "▁" and three <0xNN> byte tokens
     assert len(tiny_spm_tokenizer.byte_token_ids) == 256

@@ -37,6 +37,8 @@ import zmq
 
 from common import wire
 from common.config import PoolConfig
+from common.devices import DeviceGroup, format_group
+from common.security import CurveClient, SecurityError, check_worker_link
 from protos import worker_pb2 as pb
 from worker.core.engine import Engine, load_engine
 from worker.generation import GenerationThread, Job
@@ -58,22 +60,31 @@ _POLLIN = int(zmq.POLLIN)
 @dataclass(frozen=True)
 class WorkerIdentity:
     worker_id: str  # the ZeroMQ routing id: unique in the pool
-    device_id: int
+    devices: DeviceGroup  # the chips it drives: (2,), or (0, 1) for a bmodel compiled for two devices
     restarts: int = 0  # how many times the supervisor restarted this slot before this process
 
 
 def run_worker(config: PoolConfig, identity: WorkerIdentity, endpoint: str) -> int:
     """Load the engine, then serve until SIGTERM/SIGINT; returns the process exit code."""
+    try:  # before the engine loads: a key problem is reported at once
+        check_worker_link(endpoint, config.security)
+        curve = CurveClient(config.security.curve) if config.security.curve.enabled else None
+    except SecurityError as error:
+        log.error("%s", error)
+        return 2
     log.info(
-        "loading %s engine for %s on device %d", config.model.engine, config.model.path, identity.device_id
+        "loading %s engine for %s on device %s",
+        config.model.engine,
+        config.model.path,
+        format_group(identity.devices),
     )
     try:
-        engine = load_engine(config.model, identity.device_id)
+        engine = load_engine(config.model, identity.devices)
     except Exception as error:
         log.error("cannot load the %s engine from %s: %s", config.model.engine, config.model.path, error)
         return 1
     log.info("engine ready: model %s, context %d tokens", engine.model_id, engine.context_size)
-    return WorkerService(engine, identity, endpoint, config).run()
+    return WorkerService(engine, identity, endpoint, config, curve).run()
 
 
 @dataclass
@@ -91,8 +102,17 @@ class _Generation:
 
 
 class WorkerService:
-    def __init__(self, engine: Engine, identity: WorkerIdentity, endpoint: str, config: PoolConfig) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        identity: WorkerIdentity,
+        endpoint: str,
+        config: PoolConfig,
+        curve: CurveClient | None = None,
+    ) -> None:
+        """`curve`: connect as a CURVE client with this keypair (the router must allow its key)."""
         self._engine = engine
+        self._curve = curve
         self._identity = identity
         self._endpoint = endpoint
         self._settings = config.workers
@@ -216,7 +236,8 @@ class WorkerService:
             pb.Hello(
                 protocol_version=wire.PROTOCOL_VERSION,
                 worker_id=self._identity.worker_id,
-                device_id=self._identity.device_id,
+                device_id=self._identity.devices[0],
+                device_group=format_group(self._identity.devices),
                 model_id=self._engine.model_id,
                 context_size=self._engine.context_size,
                 pid=os.getpid(),
@@ -282,6 +303,8 @@ class WorkerService:
         dealer.setsockopt(zmq.ROUTING_ID, self._identity.worker_id.encode())
         dealer.setsockopt(zmq.MAXMSGSIZE, wire.MAX_FRAME_BYTES)
         dealer.setsockopt(zmq.LINGER, 0)
+        if self._curve is not None:
+            self._curve.secure(dealer)
         dealer.connect(self._endpoint)
         self._dealer_fd: int = dealer.get(zmq.FD)
         self._poller.register(self._dealer_fd, select.POLLIN)
@@ -331,7 +354,10 @@ class WorkerService:
         else:
             cancel = threading.Event()
             self._current = _Generation(request_id, cancel, received_at=now, last_progress=now)
-            log.info("request %s: started (%d turns)", request_id, len(generate.history))
+            if generate.HasField("raw_prompt"):
+                log.info("request %s: started (raw prompt)", request_id)
+            else:
+                log.info("request %s: started (%d turns)", request_id, len(generate.history))
             self._generation.submit(Job(request_id, chat_request(generate), cancel))
 
     def _on_cancel(self, cancel: pb.Cancel) -> None:

@@ -29,6 +29,7 @@ def chat_request(generate: pb.Generate) -> ChatRequest:
             seed=_optional(params, "seed"),
             stop=tuple(params.stop),
         ),
+        raw_prompt=generate.raw_prompt if generate.HasField("raw_prompt") else None,
     )
 
 

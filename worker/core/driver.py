@@ -18,7 +18,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 
 import numpy as np
 
-from worker.core.graphs import MASK_VALUE, GraphSpec, HeadKind, ModelGraphs
+from worker.core.graphs import MASK_VALUE, GraphSpec, HeadKind, Hidden, ModelGraphs
 from worker.core.request import FinishReason
 
 # Chooses the next token from the head's logits [V] and all tokens so far (prompt + generated).
@@ -39,12 +39,14 @@ class Generation:
         max_new_tokens: int,
         eos_ids: Collection[int],
         cancel: threading.Event,
+        greedy: bool = False,
         cached: int = 0,
     ) -> None:
-        seq_len = graphs.spec.seq_len
-        if not 0 < len(prompt_ids) < seq_len:
+        seq_len, longest = graphs.spec.seq_len, min(graphs.spec.prefill_length, graphs.spec.seq_len - 1)
+        if not 0 < len(prompt_ids) <= longest:
             raise ValueError(
-                f"prompt of {len(prompt_ids)} tokens must be 1..{seq_len - 1} (seq_len {seq_len})"
+                f"prompt of {len(prompt_ids)} tokens must be 1..{longest} (seq_len {seq_len}, "
+                f"prefill length {graphs.spec.prefill_length})"
             )
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -55,6 +57,8 @@ class Generation:
         self._max_new_tokens = max_new_tokens
         self._eos_ids = frozenset(eos_ids)
         self._cancel = cancel
+        # A greedy pick with a greedy_head on the device: one token id crosses to the host, not logits.
+        self._greedy_on_device = greedy and graphs.spec.device_greedy
         # Leading prompt tokens kept from the KV cache: only the rest is prefilled.
         self.reused = usable_history(graphs.spec, cached, len(prompt_ids))
         self.finish_reason: FinishReason | None = None
@@ -99,7 +103,7 @@ class Generation:
     def _prefill(self, tokens: list[int]) -> np.ndarray:
         graphs = self._graphs
         prompt_length = len(tokens)
-        length = prompt_length if graphs.spec.is_dynamic else graphs.spec.seq_len
+        length = prompt_length if graphs.spec.is_dynamic else graphs.spec.prefill_length
         input_ids = np.zeros((1, length), dtype=np.int32)
         input_ids[0, :prompt_length] = tokens
         position_ids = np.zeros((1, length), dtype=np.int32)
@@ -108,7 +112,7 @@ class Generation:
         mask = prefill_mask(prompt_length, length)
         for layer in range(graphs.spec.num_layers):
             hidden = graphs.block(layer, hidden, position_ids, mask)
-        return graphs.lm_head(hidden, prompt_length - 1)
+        return self._head(hidden, prompt_length - 1)
 
     def _prefill_after_history(self, tokens: list[int]) -> np.ndarray:
         graphs, start = self._graphs, self.reused
@@ -119,17 +123,22 @@ class Generation:
         mask = history_prefill_mask(start, length)
         for layer in range(graphs.spec.num_layers):
             hidden = graphs.block_with_history(layer, hidden, position_ids, mask, start)
-        return graphs.lm_head(hidden, length - 1)
+        return self._head(hidden, length - 1)
 
     def _decode(self, token: int, position: int, mask: np.ndarray) -> np.ndarray:
         graphs = self._graphs
         hidden = graphs.embedding_cache(token)
         for layer in range(graphs.spec.num_layers):
             hidden = graphs.block_cache(layer, hidden, position, mask)
-        return graphs.lm_head(hidden, 0)
+        return self._head(hidden, 0)
+
+    def _head(self, hidden: Hidden, index: int) -> np.ndarray:
+        if self._greedy_on_device:
+            return np.array([self._graphs.greedy_token(hidden, index)], dtype=np.int32)
+        return self._graphs.lm_head(hidden, index)
 
     def _choose(self, head_output: np.ndarray, tokens: list[int]) -> int:
-        if self._graphs.spec.head is HeadKind.TOKEN_ID:
+        if self._graphs.spec.head is HeadKind.TOKEN_ID or self._greedy_on_device:
             return int(head_output.reshape(-1)[0])
         return self._pick(head_output, tokens)
 

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import Protocol
 
 from common.config import ModelConfig
+from common.devices import DeviceGroup, format_group
 from worker.core.request import ChatRequest, Chunk
 
 
@@ -28,10 +29,16 @@ class Engine(Protocol):
         ...
 
 
-def load_engine(model: ModelConfig, device_id: int) -> Engine:
-    """The engine `model` configures. Backends are imported only when chosen: a paced worker needs
-    no numpy model code, and only the sail backend may import sophon.sail."""
+def load_engine(model: ModelConfig, device_id: int | DeviceGroup) -> Engine:
+    """The engine `model` configures, on a device or a device group (a bmodel compiled for several
+    chips; only the sail engine drives more than one). Backends are imported only when chosen: a
+    paced worker needs no numpy model code, and only the sail backend may import sophon.sail."""
     if model.engine == "numpy":
+        if not isinstance(device_id, int) and len(device_id) > 1:
+            raise ValueError(
+                "engine numpy runs a worker on one CPU slot, not on the device group "
+                f"{format_group(device_id)} (groups are for sail bmodels compiled for several chips)"
+            )
         from worker.core.llm_engine import LLMEngine
         from worker.core.model_files import load_numpy_model
         from worker.core.numpy_graphs import NumpyGraphs

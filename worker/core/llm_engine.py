@@ -118,9 +118,10 @@ class LLMEngine:
         """Record what the cache holds now, and the conversation prefixes that names for the router:
         the request's turns and the answer so far when its prompt was prefilled, else (a cancel
         before the prefill) the prefixes the old and new conversations share. A prompt whose oldest
-        turns were dropped to fit the context no longer starts like the conversation: no prefixes."""
+        turns were dropped to fit the context no longer starts like the conversation, and a raw
+        prompt is none: no prefixes (its tokens are still reused by a prompt that starts with them)."""
         hashes: list[int] = []
-        if len(history) == len(request.history):
+        if request.raw_prompt is None and len(history) == len(request.history):
             turns = (*history, Turn(ASSISTANT, answer)) if answer else history
             hashes = conversation_hashes(request.system_message, turns)
         if len(generation.computed) < generation.prompt_length:
@@ -149,7 +150,8 @@ class LLMEngine:
             settings.max_new_tokens,
             self._tokenizer.eos_token_ids,
             cancel,
-            cached,
+            greedy=settings.sampling.is_greedy,
+            cached=cached,
         )
 
     def _stream(self, prompt_ids: list[int], settings: _Settings, generation: Generation) -> Iterator[Chunk]:
@@ -217,13 +219,16 @@ class LLMEngine:
     def _fit_prompt(self, request: ChatRequest, max_new_tokens: int) -> tuple[list[int], tuple[Turn, ...]]:
         """The prompt's token ids and the turns they hold, dropping the oldest turns until it
         leaves room for an answer."""
+        if request.raw_prompt is not None:
+            return self._raw_prompt(request.raw_prompt, max_new_tokens), request.history
         history = request.history
         if not history or history[-1].role != USER:
             raise RequestError("the conversation must end with a user turn")
         room = min(MIN_ANSWER_ROOM, max_new_tokens)
+        longest = self._graphs.spec.prefill_length  # a prompt is prefilled in one pass
         while True:
             prompt_ids = self._encode(request.system_message, history)
-            if len(prompt_ids) + room <= self.context_size:
+            if len(prompt_ids) + room <= self.context_size and len(prompt_ids) <= longest:
                 if len(history) < len(request.history):
                     log.info(
                         "%s: dropped %d oldest turns to fit the context",
@@ -236,8 +241,20 @@ class LLMEngine:
                     f"the prompt needs {len(prompt_ids)} tokens even with only the system message and "
                     f"the last user turn; with room for {room} new tokens that exceeds the model's "
                     f"context of {self.context_size} tokens"
+                    + (f" (or its longest prompt, {longest} tokens)" if longest < self.context_size else "")
                 )
             history = _without_oldest_turn(history)
+
+    def _raw_prompt(self, text: str, max_new_tokens: int) -> list[int]:
+        """A raw prompt is continued as it is: nothing can be dropped to make it fit."""
+        prompt_ids = self._tokenizer.encode_prompt(text)
+        room = min(MIN_ANSWER_ROOM, max_new_tokens)
+        if len(prompt_ids) + room > self.context_size:
+            raise RequestError(
+                f"the prompt needs {len(prompt_ids)} tokens; with room for {room} new tokens that "
+                f"exceeds the model's context of {self.context_size} tokens"
+            )
+        return prompt_ids
 
     def _encode(self, system_message: str, history: tuple[Turn, ...]) -> list[int]:
         text = self._tokenizer.chat_template.render(system_message, history)

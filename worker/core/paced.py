@@ -83,7 +83,7 @@ class PacedEngine:
 
     def _cached_tokens(self, request: ChatRequest, prompt_tokens: int) -> int:
         """Estimated prompt tokens held from the last conversation: those of the shared turns."""
-        if not self._reuse_kv:
+        if not self._reuse_kv or request.raw_prompt is not None:  # a raw prompt has no turns to share
             return 0
         depth = len(common_prefix(self._held, conversation_hashes(request.system_message, request.history)))
         if depth == 0:
@@ -96,6 +96,9 @@ class PacedEngine:
         answer so far once a token is out (the prefill ran), else only what it shared with the
         previous one."""
         if not self._reuse_kv:
+            return
+        if request.raw_prompt is not None:
+            self._held = ()  # a raw prompt replaced the conversation, and is none itself
             return
         turns = (*request.history, Turn(ASSISTANT, answer)) if answer else request.history
         hashes = conversation_hashes(request.system_message, turns)
@@ -148,10 +151,15 @@ class PacedEngine:
 
 
 def _last_turn(request: ChatRequest) -> str:
+    """The text the answer echoes and faults look at: the last user turn, or the raw prompt."""
+    if request.raw_prompt is not None:
+        return request.raw_prompt
     return request.history[-1].content if request.history else ""
 
 
 def estimate_prompt_tokens(request: ChatRequest) -> int:
+    if request.raw_prompt is not None:
+        return len(request.raw_prompt.encode()) // _BYTES_PER_TOKEN + 1
     texts = [request.system_message, *(turn.content for turn in request.history)]
     return sum(map(_text_tokens, texts))
 

@@ -37,8 +37,10 @@ class SamplingParams:
 @dataclass(frozen=True)
 class ChatRequest:
     system_message: str
-    history: tuple[Turn, ...]  # oldest first, last turn from the user
+    history: tuple[Turn, ...]  # oldest first, last turn from the user; empty with a raw prompt
     params: SamplingParams = field(default_factory=SamplingParams)
+    # Text to continue as it is, without the chat template (/v1/completions); None: a conversation.
+    raw_prompt: str | None = None
 
 
 @dataclass(frozen=True)

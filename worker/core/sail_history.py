@@ -11,9 +11,9 @@ into the history inputs and the outputs back at row old_length. Here, as `block_
 does for its one row, the history inputs are views of the KV cache's first `start` rows and the k/v
 outputs views at row `start`: no copies. PREFILL_KV_LENGTH bounds the reusable prefix (max_history).
 
-A bmodel without these graphs (sophon-demo's exports) keeps max_history 0: every prompt is
-prefilled from token 0, as before. Kept apart from sail_graphs.py as a subclass, so the adapter
-itself stays as it is.
+A bmodel without these graphs (sophon-demo's exports), or compiled for several devices, keeps
+max_history 0: every prompt is prefilled from token 0, as before. Kept apart from sail_graphs.py
+as a subclass, so the adapter itself stays as it is.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.core.sail_graphs import SailGraphs, Tensor
+from worker.core.sail_graphs import SailGraphs, Tensor, _Hidden
 
 log = logging.getLogger(__name__)
 
@@ -38,28 +38,33 @@ class SailHistoryGraphs(SailGraphs):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        engine = self._engine
-        if HISTORY_GRAPH not in engine.get_graph_names():
+        self._history_step: tuple[np.ndarray, list[Tensor]] | None = None  # layer 0's positions
+        problem = self._history_problem()
+        if problem:
+            if HISTORY_GRAPH in self._engine.get_graph_names():
+                log.warning("%s: %s: history prefill not used", self._name, problem)
             return
-        if engine.get_input_num(HISTORY_GRAPH) != _HISTORY_INPUTS or not engine.get_is_dynamic(HISTORY_GRAPH):
-            log.warning(
-                "%s: %s has %d inputs (expected %d, dynamic): history prefill not used",
-                self._name,
-                HISTORY_GRAPH,
-                engine.get_input_num(HISTORY_GRAPH),
-                _HISTORY_INPUTS,
-            )
-            return
-        self._history_positions = self._input(HISTORY_GRAPH, 1)
-        self._host_inputs = (*self._host_inputs, self._history_positions)
-        prefill_kv_length = engine.get_input_shape(HISTORY_GRAPH, 2)[1]
-        self._max_new_positions = engine.get_input_shape(HISTORY_GRAPH, 0)[1]  # LLM-TPU's max_input_length
+        self._history_positions = self._per_device(HISTORY_GRAPH, "input", 1, _HISTORY_INPUTS)
+        self._max_new_positions = self._engine.get_input_shape(HISTORY_GRAPH, 0)[1]  # max_input_length
+        prefill_kv_length = self._engine.get_input_shape(HISTORY_GRAPH, 2)[1]
         self.spec = replace(self.spec, max_history=min(prefill_kv_length, self.spec.seq_len - 1))
 
+    def _history_problem(self) -> str:
+        """Why the bmodel's history graphs cannot be used ("" if they can)."""
+        engine = self._engine
+        if HISTORY_GRAPH not in engine.get_graph_names():
+            return "no history graphs"
+        if self._layout.devices != 1:
+            return "history graphs of a bmodel compiled for several devices are not supported"
+        if engine.get_input_num(HISTORY_GRAPH) != _HISTORY_INPUTS or not engine.get_is_dynamic(HISTORY_GRAPH):
+            inputs = engine.get_input_num(HISTORY_GRAPH)
+            return f"{HISTORY_GRAPH} has {inputs} inputs (expected {_HISTORY_INPUTS}, dynamic)"
+        return ""
+
     def block_with_history(
-        self, layer: int, hidden: Tensor, position_ids: np.ndarray, mask: np.ndarray, start: int
-    ) -> Tensor:
-        length = hidden.shape()[1]
+        self, layer: int, hidden: _Hidden, position_ids: np.ndarray, mask: np.ndarray, start: int
+    ) -> _Hidden:
+        length = hidden.length
         if (
             not 0 < start <= self.spec.max_history
             or start + length > self.spec.seq_len
@@ -74,12 +79,25 @@ class SailHistoryGraphs(SailGraphs):
             raise ValueError(
                 f"position_ids {position_ids.shape} / mask {mask.shape} do not fit {length} positions"
             )
-        past_k, past_v = self._kv[layer]
-        rows = self._kv_shape[2] * self._kv_shape[3]
-        history, new = [1, start, *self._kv_shape[2:]], [1, length, *self._kv_shape[2:]]
+        (past_k, past_v), (view,) = self._kv[layer][0], hidden.views
+        _, _, kv_heads, dim = self._layout.kv_shape
+        history, new = [1, start, kv_heads, dim], [1, length, kv_heads, dim]
         sail = self._sail
-        inputs = [hidden, self._history_positions.put(position_ids)]
+        inputs = [view, self._positions(layer, position_ids)]
         inputs += [sail.Tensor(past_k, history, 0), sail.Tensor(past_v, history, 0)]
-        outputs = [hidden, sail.Tensor(past_k, new, start * rows), sail.Tensor(past_v, new, start * rows)]
+        offset = start * kv_heads * dim
+        outputs = [view, sail.Tensor(past_k, new, offset), sail.Tensor(past_v, new, offset)]
         self._run(f"block_kv_{layer}", inputs, outputs)
         return hidden
+
+    def reset(self) -> None:
+        super().reset()
+        self._history_step = None
+
+    def _positions(self, layer: int, position_ids: np.ndarray) -> Tensor:
+        """Written by layer 0; the other layers of the step get the same array from the driver."""
+        if layer > 0 and self._history_step is not None and self._history_step[0] is position_ids:
+            return self._history_step[1][0]
+        views = self._write_all(self._history_positions, position_ids)
+        self._history_step = (position_ids, views)
+        return views[0]

@@ -17,22 +17,25 @@ from worker.core.checkpoint import Weights
 from worker.core.graphs import MASK_VALUE
 
 
-def history_graphs(weights: Weights, seq_len: int, prefill_kv_length: int, act: str) -> dict[str, GraphDef]:
+def history_graphs(
+    weights: Weights, max_input_length: int, prefill_kv_length: int, act: str
+) -> dict[str, GraphDef]:
     hidden, kv = weights.arch.hidden_size, (weights.arch.num_kv_heads, weights.arch.head_dim)
     return {
         f"block_kv_{layer}": GraphDef(
             (
-                TensorDef("input_states", (1, seq_len, hidden), act),
-                TensorDef("position_ids", (1, seq_len), "int32"),
+                TensorDef("input_states", (1, max_input_length, hidden), act),
+                TensorDef("position_ids", (1, max_input_length), "int32"),
                 TensorDef("history_k", (1, prefill_kv_length, *kv), act),
                 TensorDef("history_v", (1, prefill_kv_length, *kv), act),
             ),
             (
-                TensorDef("hidden_states", (1, seq_len, hidden), act),
-                TensorDef("past_k", (1, seq_len, *kv), act),
-                TensorDef("past_v", (1, seq_len, *kv), act),
+                TensorDef("hidden_states", (1, max_input_length, hidden), act),
+                TensorDef("past_k", (1, max_input_length, *kv), act),
+                TensorDef("past_v", (1, max_input_length, *kv), act),
             ),
             True,
+            0,
             _block_kv(weights, layer),
         )
         for layer in range(weights.arch.num_layers)

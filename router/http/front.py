@@ -1,0 +1,34 @@
+"""What the HTTP front shares with the gRPC front: the router's scheduler, workers, metrics, limits."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from common.config import HttpConfig
+from router.metrics import PoolMetrics
+from router.scheduler import Scheduler
+from router.validation import RequestLimits
+from router.workers import WorkerRegistry
+
+HTTP_FRONT = "http"  # the `front` of its calls in logs and metrics
+
+
+@dataclass(frozen=True)
+class Front:
+    scheduler: Scheduler
+    registry: WorkerRegistry
+    metrics: PoolMetrics
+    limits: RequestLimits
+    config: HttpConfig
+    is_draining: Callable[[], bool]
+    model_name: str  # the configured model: served even before its first worker registers
+    started_unix: int = 0  # reported as the models' `created`
+
+    def served_models(self) -> list[str]:
+        """The configured model, then any other model a registered worker serves."""
+        models = [self.model_name]
+        for worker in self.registry.workers():
+            if worker.model_id not in models:
+                models.append(worker.model_id)
+        return models
