@@ -89,6 +89,10 @@ class PacedConfig:
     fail_marker: str | None = None
     hang_marker: str | None = None
     fault_at_token: int = 1
+    # Prefill cost: prompt tokens computed per second before the first token (0 = not modelled). Like
+    # a real engine with model.reuse_kv, it remembers the conversation it last served and charges
+    # only for the turns a new prompt does not share with it.
+    prefill_tokens_per_second: float = 0.0
 
     def __post_init__(self) -> None:
         _require(
@@ -104,6 +108,12 @@ class PacedConfig:
         for key, marker in (("fail_marker", self.fail_marker), ("hang_marker", self.hang_marker)):
             _require(marker is None or bool(marker.strip()), key, "must not be empty (null = off)", marker)
         _require(self.fault_at_token >= 1, "fault_at_token", "must be >= 1", self.fault_at_token)
+        _require(
+            self.prefill_tokens_per_second >= 0,
+            "prefill_tokens_per_second",
+            "must be >= 0 (0 = not modelled)",
+            self.prefill_tokens_per_second,
+        )
 
 
 @dataclass(frozen=True)
@@ -115,6 +125,9 @@ class ModelConfig:
     tokenizer: str | None = None  # a token_config folder; None = the one inside the model
     context_size: int = 2048  # numpy: KV-cache capacity in tokens; sail: read from the bmodel
     threads: int = 1  # BLAS threads per worker (numpy engine)
+    # Keep the KV cache between requests: a prompt starting with what the cache holds (the next turn
+    # of the same conversation) prefills only its new tokens. false = every prompt from token 0.
+    reuse_kv: bool = True
     defaults: GenerationDefaults = field(default_factory=GenerationDefaults)
     paced: PacedConfig = field(default_factory=PacedConfig)
     # Where it runs, in a `models:` entry; null = workers.devices / workers.per_device.
@@ -152,6 +165,9 @@ class RouterConfig:
     max_request_bytes: int = 1 << 20
     metrics_listen: str | None = None  # e.g. "127.0.0.1:9400"; None = no metrics endpoint
     event_loop: str = "uvloop"  # or "asyncio", the standard library's
+    # Give a request to the idle worker whose KV cache holds the longest prefix of its conversation
+    # (or the one its x-session-id last ran on); false = always the least recently used idle worker.
+    cache_aware: bool = True
     # A plain-text port serving only grpc.health.v1, for probes that cannot speak TLS (Kubernetes').
     health_listen: str | None = None
 

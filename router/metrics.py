@@ -69,6 +69,7 @@ class RequestTimings:
     first_token_at: float | None = None
     last_token_at: float = 0.0
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # of prompt_tokens, those the worker kept in its KV cache
     completion_tokens: int = 0
     finish_reason: int = worker_pb2.FINISH_NONE  # FINISH_ERROR for an error chunk
 
@@ -143,6 +144,21 @@ class PoolMetrics:
             **metric,
         )
         self._prompt_tokens = Counter("prompt_tokens", "Prompt tokens of the requests served", **metric)
+        self._prompt_tokens_cached = Counter(
+            "prompt_tokens_cached",
+            "Prompt tokens of the requests served that the worker kept in its KV cache (not prefilled)",
+            **metric,
+        )
+        self._prompt_tokens_computed = Counter(
+            "prompt_tokens_computed", "Prompt tokens of the requests served that were prefilled", **metric
+        )
+        self._cache_dispatches = Counter(
+            "cache_dispatches",
+            "Dispatches by cache-aware choice: to the worker of the request's session, to the idle worker "
+            "holding the longest prefix of its conversation, or none of them (least recently used)",
+            ("match",),
+            **metric,
+        )
         self._generation_tokens = Counter(
             "generation_tokens", "Tokens generated for clients (up to a cancel)", **metric
         )
@@ -237,7 +253,7 @@ class PoolMetrics:
         timings = job.timings
         timings.queued_at = time.monotonic()
         timings.first_token_at = None
-        timings.prompt_tokens = timings.completion_tokens = 0
+        timings.prompt_tokens = timings.completion_tokens = timings.cached_prompt_tokens = 0
         timings.finish_reason = worker_pb2.FINISH_NONE
 
     def on_dispatch(self, job: Job) -> None:
@@ -252,6 +268,7 @@ class PoolMetrics:
         """A chunk of a running job reached the router (called before it is handed to the client)."""
         timings = job.timings
         timings.prompt_tokens = chunk.prompt_tokens
+        timings.cached_prompt_tokens = chunk.cached_prompt_tokens
         timings.finish_reason = worker_pb2.FINISH_ERROR if chunk.error_kind else chunk.finish_reason
         tokens = chunk.completion_tokens
         if tokens <= timings.completion_tokens:
@@ -274,9 +291,15 @@ class PoolMetrics:
         if job is None:
             return
         self._prompt_tokens.inc(job.timings.prompt_tokens)
+        self._prompt_tokens_cached.inc(job.timings.cached_prompt_tokens)
+        self._prompt_tokens_computed.inc(job.timings.prompt_tokens - job.timings.cached_prompt_tokens)
         self._generation_tokens.inc(job.timings.completion_tokens)
         if code is grpc.StatusCode.OK:
             self._duration.labels(call.front).observe(call.ended_at - call.started_at)
+
+    def on_cache_dispatch(self, match: str) -> None:
+        """A cache-aware dispatch: match is session, prefix or none (router/cache_policy.py)."""
+        self._cache_dispatches.labels(match).inc()
 
     # -- workers: the registry -------------------------------------------------------------------
 

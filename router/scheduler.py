@@ -222,7 +222,7 @@ class Scheduler:
         registry = self._registry
         for model, queue in list(self._queues.items()):
             while queue:
-                worker = registry.take_idle(model)
+                worker = registry.take_idle(model, next(iter(queue.values())).generate)
                 if worker is None:
                     break
                 _, job = queue.popitem(last=False)

@@ -33,6 +33,7 @@ from common.security import HTTP_OPEN_PATHS, FrontSecurity, check_worker_link, w
 from protos import inference_pb2
 from router.admin import build_admin_server
 from router.agents import AgentRegistry
+from router.cache_policy import CachePolicy
 from router.http.app import HttpServer, Middleware
 from router.http.front import Front
 from router.metrics import PoolMetrics
@@ -113,8 +114,9 @@ class RouterServer:
         self.security = FrontSecurity.load(self._security_config, self.metrics.on_refused)
         self._transport = Transport(config.zmq_bind, self._security_config.curve, self.metrics.on_refused)
         self.zmq_endpoint = self._transport.endpoint
+        cache_policy = CachePolicy(self.metrics) if config.cache_aware else None
         self._registry = WorkerRegistry(
-            self._transport, config.heartbeat_interval_s, config.liveness, self.metrics
+            self._transport, config.heartbeat_interval_s, config.liveness, self.metrics, cache_policy
         )
         self._scheduler = Scheduler(self._registry, config.queue_size, config.queue_timeout_s, self.metrics)
         self._agents = AgentRegistry(

@@ -2,7 +2,7 @@
 
 What a client gets, case by case (StreamComplete and Complete alike unless said):
 
-- invalid request (the router's checks), or an unusable x-request-id metadata value:
+- invalid request (the router's checks), or an unusable x-request-id or x-session-id metadata value:
   INVALID_ARGUMENT, the message names the problem
 - router draining: UNAVAILABLE
 - a model (field `model` or metadata `x-model`) the pool does not serve: NOT_FOUND, listing the
@@ -46,6 +46,7 @@ from typing import NoReturn
 import grpc
 
 from protos import inference_pb2, inference_pb2_grpc, worker_pb2
+from router.cache_policy import session_id
 from router.calls import Call, observed_call
 from router.job import Job, JobFailed, Update
 from router.metrics import PoolMetrics
@@ -140,6 +141,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             generate = validate(request, self._limits)
         except ValidationError as error:
             await _refuse(context, call, grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        generate.session_id, session_problem = session_id(context.invocation_metadata() or ())
+        if session_problem:
+            await _refuse(context, call, grpc.StatusCode.INVALID_ARGUMENT, session_problem)
         try:
             field = request.model if request.HasField("model") else None
             model = self._models.resolve(field, context.invocation_metadata())

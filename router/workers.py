@@ -16,7 +16,8 @@ its own slot (the emptiest one when it registers), so a large pool costs a few s
 instead of one burst per interval that would hold up every stream on the event loop.
 
 Idle workers are kept in least-recently-used order: the one idle the longest gets the next job,
-which spreads load and heat evenly over the devices.
+which spreads load and heat evenly over the devices, unless the cache policy (router/cache_policy.py,
+router.cache_aware) prefers the idle worker whose KV cache holds the request's conversation.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ import itertools
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from google.protobuf.message import Message
 
@@ -37,6 +39,9 @@ from common.devices import DeviceGroupError, format_group, parse_group
 from protos import worker_pb2
 from router.metrics import PoolMetrics
 from router.transport import Transport
+
+if TYPE_CHECKING:
+    from router.cache_policy import CachePolicy
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +99,15 @@ class RegistryListener(Protocol):
 
 class WorkerRegistry:
     def __init__(
-        self, transport: Transport, heartbeat_interval_s: float, liveness: int, metrics: PoolMetrics
+        self,
+        transport: Transport,
+        heartbeat_interval_s: float,
+        liveness: int,
+        metrics: PoolMetrics,
+        cache_policy: CachePolicy | None = None,
     ) -> None:
         self._transport = transport
+        self._cache_policy = cache_policy
         self._metrics = metrics
         self._interval_s = heartbeat_interval_s
         self._liveness = liveness
@@ -142,19 +153,23 @@ class WorkerRegistry:
 
     # -- state changes driven by the scheduler ---------------------------------------------------
 
-    def take_idle(self, model: str | None = None) -> WorkerRecord | None:
-        """The least recently used idle worker of `model` (None: of any model), now marked busy; None if
-        there is none. Only dispatchable workers are in the idle list (not cordoned, not retiring)."""
-        idle = self._idle
-        if model is None:
-            if not idle:
-                return None
-            _, worker = idle.popitem(last=False)
-        else:
-            worker = next((candidate for candidate in idle.values() if candidate.model_id == model), None)
-            if worker is None:
-                return None
-            del idle[worker.identity]
+    def take_idle(
+        self, model: str | None = None, generate: worker_pb2.Generate | None = None
+    ) -> WorkerRecord | None:
+        """The idle worker of `model` (None: of any model) for `generate`: the cache policy's choice,
+        else the least recently used one; now marked busy. None if there is none. Only dispatchable
+        workers are in the idle list (not cordoned, not retiring)."""
+        idle: Mapping[bytes, WorkerRecord] = self._idle
+        if model is not None:
+            idle = {identity: worker for identity, worker in idle.items() if worker.model_id == model}
+        if not idle:
+            return None
+        policy = self._cache_policy
+        preferred = None if policy is None or generate is None else policy.choose(generate, idle)
+        worker = preferred or next(iter(idle.values()))
+        del self._idle[worker.identity]
+        if policy is not None and generate is not None:
+            policy.dispatched(worker, generate)
         worker.state = WorkerState.BUSY
         return worker
 
@@ -214,6 +229,8 @@ class WorkerRegistry:
         del self._by_worker_id[worker.worker_id]
         del self._slots[worker.slot][worker.identity]
         self._idle.pop(worker.identity, None)
+        if self._cache_policy is not None:
+            self._cache_policy.forget(worker.identity)
         worker.state = WorkerState.LOST
         self._remember_lost(worker)
         self._metrics.on_worker_lost(worker)
@@ -239,6 +256,7 @@ class WorkerRegistry:
             return
         worker.last_seen = time.monotonic()
         if kind == "chunk":
+            self._note_cache(worker, message)
             self._require_listener().chunk(worker, message)
         elif kind == "disconnect" and worker.retiring:
             self._leave(worker)
@@ -292,6 +310,8 @@ class WorkerRegistry:
         self._slots[worker.slot][identity] = worker
         if self._dispatchable(worker):
             self._idle[identity] = worker
+        if self._cache_policy is not None:
+            self._cache_policy.holds(identity, hello.held_prefix)
         self._transport.send(identity, self._welcome)
         log.info(
             "worker %s registered: device %s, model %s, context %d, pid %d%s",
@@ -315,6 +335,12 @@ class WorkerRegistry:
         self._idle.pop(worker.identity, None)
         self.changed.set()
         self._require_listener().worker_lost(worker, "it retired")
+
+    def _note_cache(self, worker: WorkerRecord, chunk: worker_pb2.Chunk) -> None:
+        """A final chunk says what the worker's KV cache holds now."""
+        final = chunk.finish_reason != worker_pb2.FINISH_NONE or chunk.error_kind != worker_pb2.ERROR_NONE
+        if final and self._cache_policy is not None:
+            self._cache_policy.holds(worker.identity, chunk.held_prefix)
 
     def _refuse_unregistered(self, identity: bytes, kind: str) -> None:
         if kind == "disconnect":

@@ -244,6 +244,7 @@ class WorkerService:
                 pid=os.getpid(),
                 restarts=0 if self._ever_registered else self._identity.restarts,
                 host=socket.gethostname(),
+                held_prefix=self._engine.held_prefix(),
             )
         )
         self._hello_sent_at = now
@@ -508,7 +509,8 @@ def _log_completion(generation: _Generation, final: pb.Chunk, now: float) -> Non
     decode_time = now - (generation.first_token_at or now)
     rate = (tokens - 1) / decode_time if tokens > 1 and decode_time > 0 else 0.0
     log.info(
-        "request %s: done, %s; prompt %d tokens, %d tokens, first token after %s, %.1f tokens/s, %.3f s",
+        "request %s: done, %s; prompt %d tokens, %d tokens, first token after %s, %.1f tokens/s, %.3f s; "
+        "%d prompt tokens from the KV cache",
         generation.request_id,
         outcome,
         final.prompt_tokens,
@@ -516,4 +518,5 @@ def _log_completion(generation: _Generation, final: pb.Chunk, now: float) -> Non
         first_token,
         rate,
         now - generation.received_at,
+        final.cached_prompt_tokens,
     )

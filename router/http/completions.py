@@ -28,6 +28,7 @@ import grpc
 from aiohttp import web
 
 from protos import worker_pb2
+from router.cache_policy import session_id
 from router.calls import REQUEST_ID_KEY, Call, end_call
 from router.http import openai_requests
 from router.http.errors import ApiError
@@ -92,6 +93,11 @@ async def _admissible(request: web.Request, front: Front, call: Call, endpoint: 
             "no worker is registered: the pool cannot serve right now",
             code="no_worker",
         )
+    session, session_problem = session_id(request.headers.items())  # cache-aware dispatch's pin
+    if session_problem:
+        raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, session_problem)
+    for generation in parsed.generations:
+        generation.generate.session_id = session
     return parsed
 
 
