@@ -44,6 +44,7 @@ from tests.security_keys import make_curve_keypair
 from tests.steady_load import SteadyLoad, expected_text
 
 TOKENS = 8
+QUEUEING_CLIENTS = 5  # closed-loop streams: more than the 4 workers a test runs at most
 PACE = {"tokens_per_second": 40.0, "first_token_delay_s": 0.05, "tokens_per_request": TOKENS, "echo": True}
 
 
@@ -96,7 +97,9 @@ def started(procs, config: ConfigFile, workers: int | None = None) -> tuple[Pool
 def test_scaling_a_device_1_3_1_0_2_under_load_never_cuts_a_stream(procs, tmp_path):
     config = write_config(tmp_path, paced_pool())
     pool, admin = started(procs, config)
-    with SteadyLoad(config.grpc_address, TOKENS, clients=3) as load:
+    # More clients than workers at any step: requests queue, so a new worker has queued work to take
+    # at once (with cache-aware dispatch, an idle worker holding the prompt's prefix goes first).
+    with SteadyLoad(config.grpc_address, TOKENS, clients=QUEUEING_CLIENTS) as load:
         wait_for_calls(load, 0.0, 3, "before scaling")
         before = workers_on(admin.status(), "0")
         for target in (3, 1, 0, 2):
@@ -296,7 +299,7 @@ def test_sighup_applies_a_changed_per_device_and_an_invalid_file_changes_nothing
     config = write_config(tmp_path, paced_pool())
     pool, admin = started(procs, config)
     raw = config.raw
-    with SteadyLoad(config.grpc_address, TOKENS, clients=3) as load:
+    with SteadyLoad(config.grpc_address, TOKENS, clients=QUEUEING_CLIENTS) as load:
         first = ids(workers_on(admin.status(), "0") + workers_on(admin.status(), "1"))
         _rewrite(config.path, raw, workers={**raw["workers"], "per_device": 2})
         pool.supervisor.signal(signal.SIGHUP)
