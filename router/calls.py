@@ -11,7 +11,7 @@ At its end every call, admitted or refused, is counted in the metrics and logged
 that names its front (grpc or http) and method:
 
     request 4f1c2a9e0b7d3c65: grpc StreamComplete OK, finish stop, worker w1; queue 0.002 s,
-    first token 0.705 s, total 6.981 s; prompt 23 tokens, 64 tokens
+    first token 0.705 s, total 6.981 s; prompt 23 tokens, 64 tokens; 20 prompt tokens from the KV cache
 
 The HTTP front (router/http/) names its outcomes with the same status names (its table maps them
 to HTTP codes), and logs one line per generation: a request with n choices is n calls.
@@ -130,12 +130,13 @@ def _log_end(call: Call, code: grpc.StatusCode) -> None:
     timings = job.timings
     first_token_s = timings.time_to_first_token()
     log.info(
-        "request %s: %s %s %s, finish %s, worker %s; queue %.3f s, first token %s, total %.3f s; "
-        "prompt %d tokens, %d tokens",
+        "request %s: %s %s %s%s, finish %s, worker %s; queue %.3f s, first token %s, total %.3f s; "
+        "prompt %d tokens, %d tokens; %d prompt tokens from the KV cache",
         call.request_id,
         call.front,
         call.method,
         code.name,
+        "" if job.model is None else f", model {job.model}",
         timings.finish_name,
         job.worker.worker_id if job.worker is not None else "-",
         timings.queue_wait(call.ended_at),
@@ -143,4 +144,5 @@ def _log_end(call: Call, code: grpc.StatusCode) -> None:
         total_s,
         timings.prompt_tokens,
         timings.completion_tokens,
+        timings.cached_prompt_tokens,
     )

@@ -287,7 +287,8 @@ async def test_each_call_ends_with_one_log_line_carrying_its_request_id_and_timi
     served, rejected = call_lines(caplog)
     assert re.fullmatch(
         r"request trace-42: grpc StreamComplete OK, finish stop, worker w1; queue \d+\.\d{3} s, "
-        r"first token \d+\.\d{3} s, total \d+\.\d{3} s; prompt 7 tokens, 2 tokens",
+        r"first token \d+\.\d{3} s, total \d+\.\d{3} s; prompt 7 tokens, 2 tokens; "
+        r"0 prompt tokens from the KV cache",
         served,
     ), served
     assert re.fullmatch(

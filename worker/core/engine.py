@@ -23,6 +23,11 @@ class Engine(Protocol):
         """
         ...
 
+    def held_prefix(self) -> tuple[int, ...]:
+        """Hashes (common/prefix_hash.py) of the conversation prefixes whose keys/values the engine
+        holds now, for the router's cache-aware dispatch; () when it holds none."""
+        ...
+
 
 def load_engine(model: ModelConfig, device_id: int | DeviceGroup) -> Engine:
     """The engine `model` configures, on a device or a device group (a bmodel compiled for several
@@ -40,10 +45,11 @@ def load_engine(model: ModelConfig, device_id: int | DeviceGroup) -> Engine:
 
         weights, tokenizer = load_numpy_model(model.path, model.tokenizer)
         seq_len = min(model.context_size, weights.arch.max_positions)
-        return LLMEngine(NumpyGraphs(weights, seq_len), tokenizer, model.name, model.defaults)
+        graphs = NumpyGraphs(weights, seq_len)
+        return LLMEngine(graphs, tokenizer, model.name, model.defaults, model.reuse_kv)
     if model.engine == "sail":
         from worker.core.llm_engine import LLMEngine
-        from worker.core.sail_graphs import SailGraphs
+        from worker.core.sail_history import SailHistoryGraphs
         from worker.core.tokenizer import load_tokenizer
 
         if model.tokenizer is None:
@@ -51,7 +57,8 @@ def load_engine(model: ModelConfig, device_id: int | DeviceGroup) -> Engine:
                 "engine sail needs model.tokenizer: a token_config folder (a bmodel has no tokenizer)"
             )
         tokenizer = load_tokenizer(model.tokenizer)
-        return LLMEngine(SailGraphs(model.path, device_id), tokenizer, model.name, model.defaults)
+        graphs = SailHistoryGraphs(model.path, device_id)  # SailGraphs + block_kv_{i} when present
+        return LLMEngine(graphs, tokenizer, model.name, model.defaults, model.reuse_kv)
     if model.engine == "paced":
         from worker.core.paced import PacedEngine
 

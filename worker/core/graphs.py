@@ -8,6 +8,8 @@ A BM1684X bmodel is a set of graphs (sophon-demo `sample/Qwen`):
   block_cache_{i}  hidden [1, 1, H], position [1, 1], mask [1, 1, 1, SEQLEN + 1], past k/v
                    [1, SEQLEN, kv_heads, dim] -> hidden, k, v of one position
   lm_head          hidden [1, 1, H] -> logits [V], or a token id when greedy is compiled in
+  block_kv_{i}     optional (LLM-TPU `--use_history_kv`): prefill L new positions after `start`
+                   cached ones, attending to the cached k/v as history -> hidden, k, v of the new ones
 
 The generation driver (driver.py) owns positions, masks, KV-cache offsets and the SEQLEN limit;
 a backend only runs graphs and keeps its KV cache where its hardware wants it (numpy arrays on
@@ -46,6 +48,9 @@ class GraphSpec:
     # lm_head's logits can be reduced to the greedy token on the device (a `greedy_head` graph):
     # greedy requests then call greedy_token instead of lm_head.
     device_greedy: bool = False
+    # The most cached positions block_with_history can attend to (LLM-TPU's PREFILL_KV_LENGTH);
+    # 0 = the backend has no prefill-with-history graph, so every prompt is prefilled from 0.
+    max_history: int = 0
 
     @property
     def prefill_length(self) -> int:
@@ -75,6 +80,14 @@ class ModelGraphs(Protocol):
     def greedy_token(self, hidden: Hidden, index: int) -> int:
         """The most probable next token of row `index`, chosen on the device; called only when
         spec.device_greedy."""
+
+    def block_with_history(
+        self, layer: int, hidden: Hidden, position_ids: np.ndarray, mask: np.ndarray, start: int
+    ) -> Hidden:
+        """Prefill one layer over L new positions that follow `start` cached ones (only when
+        spec.max_history >= start > 0): position_ids int32 [1, L] (start..start+L-1), mask float32
+        [1, 1, L, start + L] whose columns are the cached rows 0..start-1 then the L new positions.
+        Reads cache rows 0..start-1 only and writes the new k/v at rows start..start+L-1."""
 
     def reset(self) -> None:
         """Forget all cached keys/values (zero the KV cache); called after a failed generation,

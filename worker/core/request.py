@@ -51,6 +51,7 @@ class Chunk:
     completion_tokens: int  # generated tokens so far
     prompt_tokens: int
     finish_reason: FinishReason | None = None
+    cached_prompt_tokens: int = 0  # prompt tokens whose keys/values came from the KV cache
 
 
 class RequestError(ValueError):

@@ -25,6 +25,7 @@ only. A model compiled for N devices (`--num_device N`, sophon-demo's `2dev` bmo
 sophon-demo's python/qwen.py drives them) repeats every input and output of the embeddings and
 blocks once per device, device j's at indexes [j * n, (j + 1) * n): hidden states, positions and
 masks are replicated, k/v split over the kv heads; lm_head and the sampling heads sit on device 0.
+  block_kv_{i}        with history_kv (LLM-TPU --use_history_kv): sophon/_history.py
 """
 
 from __future__ import annotations
@@ -93,6 +94,8 @@ def write_bmodel(
     lm_head_input_dtype: str | None = None,
     sampling_heads: bool = False,
     num_device: int = 1,
+    history_kv: bool = False,
+    prefill_kv_length: int | None = None,
 ) -> Path:
     """Write a stand-in bmodel file describing `checkpoint` compiled with these options
     (block_cache_dynamic None: as `dynamic`, which gen_bmodel.sh passes to block_cache too;
@@ -101,6 +104,8 @@ def write_bmodel(
         raise ValueError(f"io_dtype {io_dtype!r}, embedding_dtype {embedding_dtype!r}, lm_head {lm_head!r}")
     if addr_mode not in (0, 1) or num_device < 1:
         raise ValueError(f"addr_mode {addr_mode!r}, num_device {num_device!r}")
+    if history_kv and not dynamic:
+        raise ValueError("history_kv needs dynamic graphs (LLM-TPU's --use_history_kv forces --dynamic)")
     description = {
         "format": FORMAT,
         "checkpoint": str(Path(checkpoint).resolve()),
@@ -115,6 +120,8 @@ def write_bmodel(
         "lm_head_input_dtype": lm_head_input_dtype or io_dtype,
         "sampling_heads": sampling_heads,
         "num_device": num_device,
+        "history_kv": history_kv,
+        "prefill_kv_length": prefill_kv_length or seq_len,
     }
     path.write_text(json.dumps(description, indent=2))
     return path
@@ -162,6 +169,10 @@ def _graphs(weights: Weights, description: dict) -> dict[str, GraphDef]:
     }
     if description["sampling_heads"]:
         graphs.update(_sampling_heads(arch.vocab_size, seq))
+    if description.get("history_kv"):
+        from sophon._history import history_graphs
+
+        graphs.update(history_graphs(weights, prefill, description["prefill_kv_length"], act))
     for layer in range(arch.num_layers):
         graphs[f"block_{layer}"] = GraphDef(
             _per_device(
