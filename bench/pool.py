@@ -110,6 +110,7 @@ class PacedPool:
         self.zmq_endpoint = f"tcp://127.0.0.1:{free_port()}"
         self.metrics_url = f"http://127.0.0.1:{free_port()}/metrics"
         self.http_url = f"http://127.0.0.1:{free_port()}"  # the OpenAI-compatible front
+        self.admin_addr = f"127.0.0.1:{free_port()}"
         self.config_path = scratch / "pool.yaml"
         self.router: subprocess.Popen | None = None
         self.workers: list[subprocess.Popen] = []
@@ -225,6 +226,7 @@ class PacedPool:
                 "event_loop": self.spec.event_loop,
                 "metrics_listen": self.metrics_url.removeprefix("http://").removesuffix("/metrics"),
             },
+            "admin": {"listen": self.admin_addr},
             "model": {
                 "name": "paced",
                 "engine": "paced",

@@ -7,6 +7,7 @@ Each dataclass checks its own ranges in __post_init__, so a config built in code
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import types
 import typing
@@ -17,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from common.devices import DeviceGroupError, format_group, group_of, overlapping
+from common.devices import DeviceGroupError, format_group, group_of, overlapping, parse_group
 from common.wire import MAX_FRAME_BYTES
 
 ENGINES = ("numpy", "sail", "paced")
@@ -129,6 +130,9 @@ class ModelConfig:
     reuse_kv: bool = True
     defaults: GenerationDefaults = field(default_factory=GenerationDefaults)
     paced: PacedConfig = field(default_factory=PacedConfig)
+    # Where it runs, in a `models:` entry; null = workers.devices / workers.per_device.
+    devices: tuple[int | str, ...] | None = None
+    per_device: int | None = None
 
     def __post_init__(self) -> None:
         _require(bool(self.name.strip()), "name", "must not be empty", self.name)
@@ -142,6 +146,11 @@ class ModelConfig:
         )
         _require(self.context_size >= 16, "context_size", "must be >= 16", self.context_size)
         _require(self.threads >= 1, "threads", "must be >= 1", self.threads)
+        if self.devices is not None:
+            _check_device_ids(self.devices)
+        _require(
+            self.per_device is None or self.per_device >= 0, "per_device", "must be >= 0", self.per_device
+        )
 
 
 @dataclass(frozen=True)
@@ -239,24 +248,7 @@ class WorkersConfig:
 
     def __post_init__(self) -> None:
         _require(len(self.devices) >= 1, "devices", "must list at least one device id", list(self.devices))
-        _require(
-            all(not isinstance(device, int) or device >= 0 for device in self.devices),
-            "devices",
-            "must be ids >= 0",
-            list(self.devices),
-        )
-        _require(
-            len(set(self.devices)) == len(self.devices),
-            "devices",
-            "must not repeat an id",
-            list(self.devices),
-        )
-        try:
-            groups = [group_of(device) for device in self.devices]
-        except DeviceGroupError as error:
-            raise ConfigError("devices", f"{error} (in {list(self.devices)!r})") from None
-        shared = overlapping(groups)
-        _require(not shared, "devices", f"must not put device {shared[:1]} in two groups", list(self.devices))
+        _check_device_ids(self.devices)
         _require(self.per_device >= 1, "per_device", "must be >= 1", self.per_device)
         _require(self.restart_backoff_s > 0, "restart_backoff_s", "must be > 0", self.restart_backoff_s)
         _require(
@@ -359,6 +351,41 @@ class SecurityConfig:
         )
 
 
+def _check_device_ids(devices: tuple[int | str, ...]) -> None:
+    """Devices or device groups ("0,1"): ids >= 0, none repeated, none in two groups."""
+    ids_ok = all(not isinstance(device, int) or device >= 0 for device in devices)
+    _require(ids_ok, "devices", "must be ids >= 0", list(devices))
+    _require(len(set(devices)) == len(devices), "devices", "must not repeat an id", list(devices))
+    try:
+        groups = [group_of(device) for device in devices]
+    except DeviceGroupError as error:
+        raise ConfigError("devices", f"{error} (in {list(devices)!r})") from None
+    shared = overlapping(groups)
+    _require(not shared, "devices", f"must not put device {shared[:1]} in two groups", list(devices))
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    """The operators' gRPC admin service (protos/admin.proto, router/admin.py)."""
+
+    listen: str = "127.0.0.1:18001"  # loopback: the admin API has no authentication of its own
+    # The longest an operation waits to take effect (workers loading a model, requests finishing).
+    operation_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        _require_host_port("listen", self.listen)
+        _require(self.operation_timeout_s > 0, "operation_timeout_s", "must be > 0", self.operation_timeout_s)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One device of the pool: the model its workers run and how many of them."""
+
+    device_id: str  # as the pool names a device everywhere: "0" (a device group: "0,1")
+    model: ModelConfig
+    workers: int
+
+
 @dataclass(frozen=True)
 class PoolConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
@@ -366,6 +393,69 @@ class PoolConfig:
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    # Several models in one pool; the first is the default. Empty = the single `model`.
+    models: tuple[ModelConfig, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.models:
+            object.__setattr__(self, "model", self.models[0])  # the default model
+        names = [model.name for model in self.served_models]
+        _require(len(set(names)) == len(names), "models", "must not repeat a name", names)
+        owners: dict[int, str] = {}
+        for model in self.served_models:
+            for group in self._devices_of(model):
+                for device in parse_group(group):
+                    # A chip holds one bmodel at a time: two models on one device would fight over it.
+                    _require(
+                        device not in owners,
+                        "models",
+                        f"device {device} is given to both {owners.get(device)!r} and {model.name!r}",
+                        names,
+                    )
+                    owners[device] = model.name
+
+    @property
+    def served_models(self) -> tuple[ModelConfig, ...]:
+        return self.models or (self.model,)
+
+    def model_named(self, name: str) -> ModelConfig | None:
+        return next((model for model in self.served_models if model.name == name), None)
+
+    def placements(self) -> list[Placement]:
+        """Every configured device with its model and worker count, in config order."""
+        return [
+            Placement(
+                group,
+                model,
+                self.workers.per_device if model.per_device is None else model.per_device,
+            )
+            for model in self.served_models
+            for group in self._devices_of(model)
+        ]
+
+    def _devices_of(self, model: ModelConfig) -> tuple[str, ...]:
+        """The model's devices as device groups in their one text form ("0", "0,1")."""
+        devices = self.workers.devices if model.devices is None else model.devices
+        return tuple(format_group(group_of(device)) for device in devices)
+
+
+def model_settings(model: ModelConfig) -> ModelConfig:
+    """What a worker of this model loads and serves: the model without where it runs. Workers whose
+    model_settings changed must be replaced to apply the change."""
+    return dataclasses.replace(model, devices=None, per_device=None)
+
+
+def restart_only_changes(old: PoolConfig, new: PoolConfig) -> list[str]:
+    """Settings that differ between two configs but take effect only when the process restarts."""
+    changed = []
+    for section in ("router", "admin"):
+        before, after = getattr(old, section), getattr(new, section)
+        for item in fields(before):
+            was, now = getattr(before, item.name), getattr(after, item.name)
+            if was != now:
+                changed.append(f"{section}.{item.name}: {was!r} -> {now!r} (needs a restart)")
+    return changed
 
 
 def load_config(path: str | Path, environ: Mapping[str, str] = os.environ) -> PoolConfig:
@@ -382,18 +472,23 @@ def load_config(path: str | Path, environ: Mapping[str, str] = os.environ) -> Po
         raw = {}  # an empty file means "all defaults"
     if not isinstance(raw, dict):
         raise ConfigError("", f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    if "model" in raw and "models" in raw:
+        raise ConfigError("models", "give either `model:` (one model) or `models:` (a list), not both")
+    if "models" in raw and not raw["models"]:
+        raise ConfigError("models", "must list at least one model")
     return _build(PoolConfig, _with_env_overrides(raw, environ), "")
 
 
 def _with_env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
     """The seed's variables win over the file, as they did over the seed's built-in defaults."""
     merged = dict(raw)
-    model = _section(merged, "model")
     workers = _section(merged, "workers")
-    if environ.get("MODEL_PATH"):
-        model["path"] = environ["MODEL_PATH"]
-    if environ.get("TOKENIZER_PATH"):
-        model["tokenizer"] = environ["TOKENIZER_PATH"]
+    if "models" not in merged:  # with several models, each names its own path
+        model = _section(merged, "model")
+        if environ.get("MODEL_PATH"):
+            model["path"] = environ["MODEL_PATH"]
+        if environ.get("TOKENIZER_PATH"):
+            model["tokenizer"] = environ["TOKENIZER_PATH"]
     if environ.get("DEV_ID"):
         workers["devices"] = _parse_device_ids(environ["DEV_ID"])
     return merged
@@ -466,7 +561,9 @@ def _type_name(hint: Any) -> str:
     )
 
 
-def _is(hint: type, value: object) -> bool:
+def _is(hint: Any, value: object) -> bool:
+    if typing.get_origin(hint) is tuple:  # `tuple[...] | None` (a model's devices)
+        return isinstance(value, list)
     return isinstance(value, hint) and not (hint is int and isinstance(value, bool))
 
 

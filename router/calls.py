@@ -130,12 +130,13 @@ def _log_end(call: Call, code: grpc.StatusCode) -> None:
     timings = job.timings
     first_token_s = timings.time_to_first_token()
     log.info(
-        "request %s: %s %s %s, finish %s, worker %s; queue %.3f s, first token %s, total %.3f s; "
+        "request %s: %s %s %s%s, finish %s, worker %s; queue %.3f s, first token %s, total %.3f s; "
         "prompt %d tokens, %d tokens; %d prompt tokens from the KV cache",
         call.request_id,
         call.front,
         call.method,
         code.name,
+        "" if job.model is None else f", model {job.model}",
         timings.finish_name,
         job.worker.worker_id if job.worker is not None else "-",
         timings.queue_wait(call.ended_at),

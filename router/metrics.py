@@ -89,7 +89,7 @@ class RequestTimings:
 @dataclass(frozen=True)
 class _PoolView:
     snapshot: Snapshot
-    workers: list[tuple[str, str, str]]  # worker_id, device_id (the device group, "0,1"), state
+    workers: list[tuple[str, str | int, str, str]]  # worker_id, device_id (a group: "0,1"), model, state
     histograms: list[tuple[list[int], float]]  # LoopHistogram.read() of each, in registration order
 
 
@@ -138,8 +138,9 @@ class PoolMetrics:
         self._requests = Counter(
             "requests",
             "Calls ended, by front (grpc, http), method, status code (gRPC's names; the HTTP front "
-            "maps its answers to them) and finish reason (none: no finished generation)",
-            ("front", "grpc_method", "grpc_code", "finish_reason"),
+            "maps its answers to them), finish reason (none: no finished generation) and model (empty "
+            "when not admitted or with no configured model)",
+            ("front", "grpc_method", "grpc_code", "finish_reason", "model"),
             **metric,
         )
         self._prompt_tokens = Counter("prompt_tokens", "Prompt tokens of the requests served", **metric)
@@ -285,7 +286,8 @@ class PoolMetrics:
     def on_call_end(self, call: Call, code: grpc.StatusCode) -> None:
         job = call.job
         finish = job.timings.finish_name if job is not None else _FINISH_NAMES[worker_pb2.FINISH_NONE]
-        self._requests.labels(call.front, call.method, code.name, finish).inc()
+        model = job.model or "" if job is not None else ""
+        self._requests.labels(call.front, call.method, code.name, finish, model).inc()
         if job is None:
             return
         self._prompt_tokens.inc(job.timings.prompt_tokens)
@@ -339,7 +341,10 @@ class _PoolCollector:
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         def read() -> _PoolView:
-            listed = [(worker.worker_id, worker.device_id, worker.state.value) for worker in workers()]
+            listed = [
+                (worker.worker_id, worker.device_id, worker.model_id, worker.state.value)
+                for worker in workers()
+            ]
             return _PoolView(snapshot(), listed, [histogram.read() for histogram in self._histograms])
 
         self._read, self._loop, self._loop_thread = read, loop, threading.get_ident()
@@ -355,9 +360,9 @@ class _PoolCollector:
         queue, running, states = self._families()
         queue.add_metric((), view.snapshot.queued)
         running.add_metric((), view.snapshot.running)
-        for worker_id, device_id, state in view.workers:
+        for worker_id, device_id, model, state in view.workers:
             for name in WORKER_STATES:
-                states.add_metric((worker_id, str(device_id), name), float(name == state))
+                states.add_metric((worker_id, str(device_id), model, name), float(name == state))
         yield from (queue, running, states)
         for histogram, reading in zip(self._histograms, view.histograms, strict=True):
             yield histogram.family(reading)
@@ -389,6 +394,6 @@ class _PoolCollector:
             GaugeMetricFamily(
                 f"{NAMESPACE}_worker_state",
                 "1 for the state each known worker is in (idle, busy or lost), 0 for the others",
-                labels=("worker_id", "device_id", "state"),
+                labels=("worker_id", "device_id", "model", "state"),
             ),
         )

@@ -28,6 +28,7 @@ import itertools
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -73,6 +74,17 @@ class WorkerRecord:
     last_seen: float  # time.monotonic() of its last message
     last_sent: float  # time.monotonic() of the router's last message to it
     slot: int = 0  # which tick of the heartbeat interval checks it
+    host: str = ""  # the worker's hostname, as its Hello says
+    registered_at: float = 0.0  # time.monotonic() of its registration
+    restarts: int = 0  # restarts of its supervisor slot before this process, as its first Hello says
+    requests_served: int = 0  # generations it finished (any outcome)
+    tokens_served: int = 0
+    retiring: bool = False  # told to leave: finishes its request, gets no new one, then says goodbye
+
+    @property
+    def device_key(self) -> str:
+        """The device as the admin API names it (a string: a device group is "0,1")."""
+        return str(self.device_id)
 
 
 class RegistryListener(Protocol):
@@ -103,6 +115,7 @@ class WorkerRegistry:
         self._by_identity: dict[bytes, WorkerRecord] = {}
         self._by_worker_id: dict[str, WorkerRecord] = {}
         self._idle: OrderedDict[bytes, WorkerRecord] = OrderedDict()  # least recently used first
+        self._cordoned: set[str] = set()  # device keys whose workers get no new work
         self._lost: OrderedDict[str, WorkerRecord] = OrderedDict()
         self._refused_at: OrderedDict[bytes, float] = OrderedDict()  # peer identity -> last Disconnect
         self._slots: list[dict[bytes, WorkerRecord]] = [{} for _ in range(HEARTBEAT_SLOTS)]
@@ -140,17 +153,21 @@ class WorkerRegistry:
 
     # -- state changes driven by the scheduler ---------------------------------------------------
 
-    def take_idle(self, generate: worker_pb2.Generate | None = None) -> WorkerRecord | None:
-        """The idle worker for `generate` (the cache policy's choice, else the least recently used
-        one), now marked busy; None if every worker is busy."""
-        if not self._idle:
+    def take_idle(
+        self, model: str | None = None, generate: worker_pb2.Generate | None = None
+    ) -> WorkerRecord | None:
+        """The idle worker of `model` (None: of any model) for `generate`: the cache policy's choice,
+        else the least recently used one; now marked busy. None if there is none. Only dispatchable
+        workers are in the idle list (not cordoned, not retiring)."""
+        idle: Mapping[bytes, WorkerRecord] = self._idle
+        if model is not None:
+            idle = {identity: worker for identity, worker in idle.items() if worker.model_id == model}
+        if not idle:
             return None
         policy = self._cache_policy
-        preferred = None if policy is None or generate is None else policy.choose(generate, self._idle)
-        if preferred is None:
-            _, worker = self._idle.popitem(last=False)
-        else:
-            worker = self._idle.pop(preferred.identity)
+        preferred = None if policy is None or generate is None else policy.choose(generate, idle)
+        worker = preferred or next(iter(idle.values()))
+        del self._idle[worker.identity]
         if policy is not None and generate is not None:
             policy.dispatched(worker, generate)
         worker.state = WorkerState.BUSY
@@ -160,7 +177,44 @@ class WorkerRegistry:
         """A busy worker finished its job: it becomes the most recently used idle worker."""
         if worker.state is WorkerState.BUSY:
             worker.state = WorkerState.IDLE
+            if self._dispatchable(worker):
+                self._idle[worker.identity] = worker
+
+    # -- operators' changes (router/operations.py) ------------------------------------------------
+
+    def is_cordoned(self, device: str) -> bool:
+        return device in self._cordoned
+
+    def cordon(self, device: str) -> None:
+        """No new work for the device's workers (present and future) from now on; running requests go on."""
+        self._cordoned.add(device)
+        for worker in list(self._idle.values()):
+            if worker.device_key == device:
+                del self._idle[worker.identity]
+
+    def uncordon(self, device: str) -> None:
+        self._cordoned.discard(device)
+        freed = [
+            worker
+            for worker in self._by_identity.values()
+            if worker.device_key == device and worker.state is WorkerState.IDLE and self._dispatchable(worker)
+        ]
+        for worker in freed:
             self._idle[worker.identity] = worker
+            self._require_listener().worker_ready(worker)
+
+    def retire(self, worker: WorkerRecord) -> None:
+        """Tell a worker to leave the pool: it gets no new work from now on, finishes the request it is
+        running, then says goodbye (a Disconnect) and exits, and its supervisor does not restart it."""
+        if worker.retiring or self._by_identity.get(worker.identity) is not worker:
+            return
+        worker.retiring = True
+        self._idle.pop(worker.identity, None)
+        log.info("worker %s (device %s): retiring", worker.worker_id, worker.device_key)
+        self.send(worker, worker_pb2.Retire(reason="its device was scaled down, drained or reloaded"))
+
+    def _dispatchable(self, worker: WorkerRecord) -> bool:
+        return not worker.retiring and worker.device_key not in self._cordoned
 
     def drop(self, worker: WorkerRecord, cause: str, *, tell_peer: bool = True) -> None:
         """Forget a registered worker as lost and let the scheduler recover its job.
@@ -204,6 +258,8 @@ class WorkerRegistry:
         if kind == "chunk":
             self._note_cache(worker, message)
             self._require_listener().chunk(worker, message)
+        elif kind == "disconnect" and worker.retiring:
+            self._leave(worker)
         elif kind == "disconnect":
             self.drop(worker, f"it disconnected: {message.reason or 'no reason given'}")
         elif kind != "heartbeat":
@@ -244,12 +300,16 @@ class WorkerRegistry:
             last_seen=now,
             last_sent=now,
             slot=min(range(HEARTBEAT_SLOTS), key=lambda slot: len(self._slots[slot])),
+            host=hello.host,
+            registered_at=now,
+            restarts=hello.restarts,
         )
         self._forget_replaced(worker)
         self._by_identity[identity] = worker
         self._by_worker_id[worker.worker_id] = worker
         self._slots[worker.slot][identity] = worker
-        self._idle[identity] = worker
+        if self._dispatchable(worker):
+            self._idle[identity] = worker
         if self._cache_policy is not None:
             self._cache_policy.holds(identity, hello.held_prefix)
         self._transport.send(identity, self._welcome)
@@ -265,6 +325,16 @@ class WorkerRegistry:
         self._metrics.on_worker_registered(worker, restarted)
         self.changed.set()
         self._require_listener().worker_ready(worker)
+
+    def _leave(self, worker: WorkerRecord) -> None:
+        """A retiring worker said goodbye: forget it (it is gone by design, not lost)."""
+        log.info("worker %s (device %s) retired: it left the pool", worker.worker_id, worker.device_key)
+        del self._by_identity[worker.identity]
+        del self._by_worker_id[worker.worker_id]
+        del self._slots[worker.slot][worker.identity]
+        self._idle.pop(worker.identity, None)
+        self.changed.set()
+        self._require_listener().worker_lost(worker, "it retired")
 
     def _note_cache(self, worker: WorkerRecord, chunk: worker_pb2.Chunk) -> None:
         """A final chunk says what the worker's KV cache holds now."""

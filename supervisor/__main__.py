@@ -3,7 +3,8 @@
 Starts the pool on this host: the router (`python -m router`) and one worker per configured
 (device, index), each pinned to its DEV_ID; restarts any that die, with backoff; SIGINT/SIGTERM
 stops the router first (it drains), then the workers. With --router, runs workers only, joined
-to a router on another host.
+to a router on another host. Either way it registers with the router as the host agent of its
+devices (the admin API scales them); SIGHUP re-reads the config and applies the difference live.
 """
 
 from __future__ import annotations

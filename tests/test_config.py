@@ -89,7 +89,10 @@ workers: {devices: [2, 3], per_device: 2}
     [
         ("model: {engine: gpu}", "model.engine: must be one of numpy, sail, paced, got 'gpu'"),
         ("router: {listenn: x}", "router.listenn: unknown key (expected one of: listen,"),
-        ("modle: {}", "modle: unknown key (expected one of: router, model, workers, http, security)"),
+        (
+            "modle: {}",
+            "modle: unknown key (expected one of: router, model, workers, http, security, admin, models)",
+        ),
         ("model: {defaults: {top_p: 1.5}}", "model.defaults.top_p: must be in (0, 1], got 1.5"),
         (
             "model: {defaults: {temperature: -1}}",

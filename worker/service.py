@@ -137,6 +137,7 @@ class WorkerService:
         self._next_heartbeat = 0.0
         self._signals: list[int] = []
         self._stopping = False
+        self._retiring = False  # told by the router to leave: exit EXIT_RETIRED once idle
         self._finish_by = math.inf  # a stopping worker lets its request run until then, then cancels
         self._exit_code: int | None = None
 
@@ -242,6 +243,7 @@ class WorkerService:
                 context_size=self._engine.context_size,
                 pid=os.getpid(),
                 restarts=0 if self._ever_registered else self._identity.restarts,
+                host=socket.gethostname(),
                 held_prefix=self._engine.held_prefix(),
             )
         )
@@ -337,6 +339,8 @@ class WorkerService:
             self._on_generate(message, now)
         elif kind == "cancel":
             self._on_cancel(message)
+        elif kind == "retire":
+            self._on_retire(message.reason or "no reason given")
         elif kind == "disconnect":
             self._on_disconnect(message.reason or "no reason given", now)
         elif kind != "heartbeat":
@@ -359,6 +363,14 @@ class WorkerService:
             else:
                 log.info("request %s: started (%d turns)", request_id, len(generate.history))
             self._generation.submit(Job(request_id, chat_request(generate), cancel))
+
+    def _on_retire(self, reason: str) -> None:
+        """Leave the pool for good: the router sends no new work, the request running finishes
+        however long it takes (no grace period: nothing is cut), then goodbye and EXIT_RETIRED."""
+        if self._retiring:
+            return
+        log.info("told to retire (%s): leaving once the current request (if any) is done", reason)
+        self._retiring = self._stopping = True
 
     def _on_cancel(self, cancel: pb.Cancel) -> None:
         current = self._current
@@ -420,7 +432,7 @@ class WorkerService:
     def _handle_signals(self) -> None:
         while self._signals:
             name = signal.Signals(self._signals.pop(0)).name
-            if not self._stopping:
+            if self._finish_by == math.inf:  # the first signal (a retiring worker has no deadline yet)
                 self._stopping = True
                 self._finish_by = time.monotonic() + self._settings.stop_grace_s / 2
                 log.info("%s: stopping once the current request (if any) is done", name)
@@ -431,8 +443,8 @@ class WorkerService:
     def _continue_stopping(self, now: float) -> None:
         current = self._current
         if current is None:
-            self._send(pb.Disconnect(reason="worker stopping"))
-            self._exit_code = 0
+            self._send(pb.Disconnect(reason="retired" if self._retiring else "worker stopping"))
+            self._exit_code = wire.EXIT_RETIRED if self._retiring else 0
         elif now >= self._finish_by and not current.cancel.is_set():
             log.info("request %s: cancelled, the stop grace period is over", current.request_id)
             current.cancel.set()

@@ -134,7 +134,7 @@ class _Routes:
         ]
         return web.json_response(
             {
-                "model": front.model_name,
+                "model": front.models.default_name,
                 "draining": front.is_draining(),
                 "queue_length": snapshot.queued,
                 "running": snapshot.running,

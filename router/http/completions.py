@@ -136,12 +136,13 @@ def _too_large(size: str, limit: int) -> ApiError:
 def _submit(front: Front, parsed: OpenAIRequest, first: Call) -> list[Call]:
     """One admitted call per choice; all or none (a full queue refuses the whole request)."""
     base_id = first.request_id
+    model = parsed.model if parsed.model is not None else front.models.default  # None: any worker
     calls: list[Call] = []
     try:
         for index, generation in enumerate(parsed.generations):
             call = first if index == 0 else Call(first.method, None, HTTP_FRONT)
             wanted_id = base_id if index == 0 else f"{base_id}-{index}"  # may exceed a client's limit
-            call.admitted(front.scheduler.submit(generation.generate, None, wanted_id))
+            call.admitted(front.scheduler.submit(generation.generate, None, wanted_id, model))
             calls.append(call)
     except QueueFull as error:
         for call in calls:
@@ -160,7 +161,7 @@ class _Answer:
         self._parsed = parsed
         self._calls = calls
         self._jobs: list[Job] = [call.job for call in calls]  # type: ignore[misc]  # all admitted
-        model = parsed.model or front.model_name
+        model = parsed.model or front.models.default_name or ""
         self._writer = ResponseWriter(parsed.endpoint, calls[0].request_id, model, parsed.include_usage)
         self._headers = {REQUEST_ID_KEY: calls[0].request_id}
         self._stream_response: web.StreamResponse | None = None  # once its headers went out

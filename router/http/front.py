@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from common.config import HttpConfig
 from router.metrics import PoolMetrics
+from router.models import ServedModels
 from router.scheduler import Scheduler
 from router.validation import RequestLimits
 from router.workers import WorkerRegistry
@@ -22,13 +23,9 @@ class Front:
     limits: RequestLimits
     config: HttpConfig
     is_draining: Callable[[], bool]
-    model_name: str  # the configured model: served even before its first worker registers
+    models: ServedModels  # which model a request goes to, shared with the gRPC front
     started_unix: int = 0  # reported as the models' `created`
 
     def served_models(self) -> list[str]:
-        """The configured model, then any other model a registered worker serves."""
-        models = [self.model_name]
-        for worker in self.registry.workers():
-            if worker.model_id not in models:
-                models.append(worker.model_id)
-        return models
+        """The configured models, then any other model a registered worker serves."""
+        return self.models.names()
