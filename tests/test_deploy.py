@@ -81,10 +81,12 @@ def test_the_config_map_is_a_valid_secure_pool_config(tmp_path):
 
 
 def test_router_ports_probes_and_scrape_annotations_agree_with_the_config(tmp_path):
-    config = pool_config(tmp_path).router
+    pool = pool_config(tmp_path)
+    config = pool.router
     router = container("Deployment", "bm-pool-router")
     ports = {port["name"]: port["containerPort"] for port in router["ports"]}
     assert ports["grpc"] == port_of(config.listen)
+    assert ports["http"] == port_of(pool.http.listen)
     assert ports["workers"] == port_of(config.zmq_bind)
     assert ports["metrics"] == port_of(config.metrics_listen)
     assert router["readinessProbe"]["grpc"] == {"port": port_of(config.health_listen)}
