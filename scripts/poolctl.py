@@ -4,15 +4,21 @@
     .venv/bin/python scripts/poolctl.py scale DEVICE N        # or: scale --model NAME N
     .venv/bin/python scripts/poolctl.py cordon DEVICE | uncordon DEVICE | drain DEVICE | reload
 
+A secured admin API (README "Security"): `--api-key-file FILE` (or the key in the environment,
+BM_POOL_API_KEY) sends `authorization: Bearer <key>`; `--tls-ca CA.pem` speaks TLS, trusting that
+CA; `--tls-cert` and `--tls-key` add a client certificate for mutual TLS.
+
 Each command returns once the pool has done it. Exit 0 on success; otherwise the reason on stderr
 and a non-zero code: 2 bad usage, 3 not found (unknown device or model), 4 refused (e.g. the CPU
-core budget, an invalid config), 5 not done in time, 1 anything else (e.g. no admin API there).
+core budget, an invalid config), 5 not done in time, 6 no or wrong API key, 1 anything else (e.g.
+no admin API there, or a TLS handshake that failed).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,11 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: m
 from protos import admin_pb2, admin_pb2_grpc
 
 DEFAULT_ADMIN = "127.0.0.1:18001"
+API_KEY_VARIABLE = "BM_POOL_API_KEY"  # as scripts/chat.py: a key in the environment is not in `ps`
 EXIT_CODES = {
     grpc.StatusCode.INVALID_ARGUMENT: 4,
     grpc.StatusCode.NOT_FOUND: 3,
     grpc.StatusCode.FAILED_PRECONDITION: 4,
     grpc.StatusCode.DEADLINE_EXCEEDED: 5,
+    grpc.StatusCode.UNAUTHENTICATED: 6,
 }
 WORKER_COLUMNS = (
     ("worker_id", "WORKER"),
@@ -48,7 +56,7 @@ WORKER_COLUMNS = (
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    with grpc.insecure_channel(args.admin) as channel:
+    with _channel(args) as channel:
         stub = admin_pb2_grpc.PoolAdminStub(channel)
         try:
             return _run(stub, args)
@@ -57,21 +65,31 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_CODES.get(error.code(), 1)
 
 
+def _channel(args: argparse.Namespace) -> grpc.Channel:
+    """Plain text, or TLS trusting --tls-ca (with --tls-cert/--tls-key: a client certificate)."""
+    if args.tls_ca is None:
+        return grpc.insecure_channel(args.admin)
+    ca, cert, key = (
+        Path(path).read_bytes() if path else None for path in (args.tls_ca, args.tls_cert, args.tls_key)
+    )
+    return grpc.secure_channel(args.admin, grpc.ssl_channel_credentials(ca, key, cert))
+
+
 def _run(stub: admin_pb2_grpc.PoolAdminStub, args: argparse.Namespace) -> int:
-    timeout = args.timeout
+    options = {"timeout": args.timeout, "metadata": args.metadata}
     if args.command == "status":
-        _show_status(stub.Status(admin_pb2.StatusRequest(), timeout=timeout), args.json)
+        _show_status(stub.Status(admin_pb2.StatusRequest(), **options), args.json)
     elif args.command == "scale":
         target = {"model": args.model} if args.model else {"device_id": args.device}
         request = admin_pb2.ScaleRequest(workers=args.workers, **target)
-        _show_reply(stub.Scale(request, timeout=timeout), args.json)
+        _show_reply(stub.Scale(request, **options), args.json)
     elif args.command in ("cordon", "uncordon"):
         call = stub.Cordon if args.command == "cordon" else stub.Uncordon
-        _show_reply(call(admin_pb2.DeviceRequest(device_id=args.device), timeout=timeout), args.json)
+        _show_reply(call(admin_pb2.DeviceRequest(device_id=args.device), **options), args.json)
     elif args.command == "drain":
-        _follow_drain(stub.Drain(admin_pb2.DeviceRequest(device_id=args.device), timeout=timeout), args.json)
+        _follow_drain(stub.Drain(admin_pb2.DeviceRequest(device_id=args.device), **options), args.json)
     elif args.command == "reload":
-        reply = stub.Reload(admin_pb2.ReloadRequest(), timeout=timeout)
+        reply = stub.Reload(admin_pb2.ReloadRequest(), **options)
         if args.json:
             print(json.dumps(_as_dict(reply), indent=2))
         else:
@@ -164,6 +182,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--timeout", type=float, default=600.0, help="seconds to wait for the pool (default 600)"
     )
+    parser.add_argument(
+        "--api-key-file", help=f"a file holding the admin API key (default: ${API_KEY_VARIABLE}, if set)"
+    )
+    parser.add_argument("--tls-ca", help="speak TLS to the admin API, trusting this PEM CA")
+    parser.add_argument("--tls-cert", help="a PEM client certificate (mutual TLS), with --tls-key")
+    parser.add_argument("--tls-key", help="its PEM private key")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("status", help="every host agent, device and worker, and the queue per model")
     scale = commands.add_parser(
@@ -180,12 +204,30 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         commands.add_parser(name, help=text).add_argument("device", help="device id")
     commands.add_parser("reload", help="re-read the config file(s) and apply the difference")
     args = parser.parse_args(argv)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    if args.tls_cert is not None and args.tls_ca is None:
+        parser.error("--tls-cert needs --tls-ca (the CA that signed the admin API's certificate)")
+    key = _read_api_key(parser, args.api_key_file) if args.api_key_file else os.environ.get(API_KEY_VARIABLE)
+    args.metadata = (("authorization", f"Bearer {key}"),) if key else ()
     if args.command == "scale":
         if (args.device is None) == (args.model is None):
             parser.error("scale needs either DEVICE or --model NAME")
         if args.workers < 0:
             parser.error("scale: the number of workers must be >= 0")
     return args
+
+
+def _read_api_key(parser: argparse.ArgumentParser, path: str) -> str:
+    """The first key line of `path` ('#' comment and blank lines skipped, as in the router's key file)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        parser.error(f"--api-key-file {path}: cannot read it: {error}")
+    for line in lines:
+        if line.strip() and not line.strip().startswith("#"):
+            return line.strip()
+    parser.error(f"--api-key-file {path}: holds no key")
 
 
 if __name__ == "__main__":
