@@ -6,7 +6,8 @@
 
 A secured admin API (README "Security"): `--api-key-file FILE` (or the key in the environment,
 BM_POOL_API_KEY) sends `authorization: Bearer <key>`; `--tls-ca CA.pem` speaks TLS, trusting that
-CA; `--tls-cert` and `--tls-key` add a client certificate for mutual TLS.
+CA; `--tls-cert` and `--tls-key` add a client certificate for mutual TLS; `--tls-server-name` is
+the host name in the certificate when --admin names the host otherwise (e.g. through a port-forward).
 
 Each command returns once the pool has done it. Exit 0 on success; otherwise the reason on stderr
 and a non-zero code: 2 bad usage, 3 not found (unknown device or model), 4 refused (e.g. the CPU
@@ -72,7 +73,9 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
     ca, cert, key = (
         Path(path).read_bytes() if path else None for path in (args.tls_ca, args.tls_cert, args.tls_key)
     )
-    return grpc.secure_channel(args.admin, grpc.ssl_channel_credentials(ca, key, cert))
+    # The name in the certificate, when --admin names the host otherwise (e.g. through a port-forward).
+    options = [("grpc.ssl_target_name_override", args.tls_server_name)] if args.tls_server_name else []
+    return grpc.secure_channel(args.admin, grpc.ssl_channel_credentials(ca, key, cert), options)
 
 
 def _run(stub: admin_pb2_grpc.PoolAdminStub, args: argparse.Namespace) -> int:
@@ -188,6 +191,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tls-ca", help="speak TLS to the admin API, trusting this PEM CA")
     parser.add_argument("--tls-cert", help="a PEM client certificate (mutual TLS), with --tls-key")
     parser.add_argument("--tls-key", help="its PEM private key")
+    parser.add_argument(
+        "--tls-server-name", help="the host name in the admin API's certificate, if --admin differs"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("status", help="every host agent, device and worker, and the queue per model")
     scale = commands.add_parser(
@@ -206,8 +212,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if (args.tls_cert is None) != (args.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
-    if args.tls_cert is not None and args.tls_ca is None:
-        parser.error("--tls-cert needs --tls-ca (the CA that signed the admin API's certificate)")
+    if (args.tls_cert is not None or args.tls_server_name is not None) and args.tls_ca is None:
+        parser.error("--tls-cert and --tls-server-name need --tls-ca (the CA of the admin API's certificate)")
     key = _read_api_key(parser, args.api_key_file) if args.api_key_file else os.environ.get(API_KEY_VARIABLE)
     args.metadata = (("authorization", f"Bearer {key}"),) if key else ()
     if args.command == "scale":

@@ -206,6 +206,24 @@ async def test_poolctl_calls_a_tls_admin_api_with_a_client_certificate_and_a_key
         assert code == 2 and "--tls-cert and --tls-key go together" in err
 
 
+@async_test
+async def test_poolctl_checks_the_certificate_for_the_name_tls_server_name_gives(tmp_path):
+    """As through `kubectl port-forward`: the address is 127.0.0.1, the certificate names the service."""
+    files = make_tls(tmp_path / "tls", "pool.example")
+    security = keyed(tmp_path, tls=tls_of(files))
+    async with secured_admin(security) as server:
+        admin = ["--admin", f"127.0.0.1:{server.admin_port}", "--tls-ca", str(files.ca_cert)]
+        env = {"BM_POOL_API_KEY": ADMIN_KEY}
+        code, _, err = await poolctl(*admin, "status", env=env)
+        assert code == 1 and "UNAVAILABLE" in err  # 127.0.0.1 is not a name in the certificate
+        code, _, err = await poolctl(*admin, "--tls-server-name", "other.example", "status", env=env)
+        assert code == 1 and "UNAVAILABLE" in err
+        code, out, err = await poolctl(
+            *admin, "--tls-server-name", "pool.example", "--json", "status", env=env
+        )
+        assert (code, json.loads(out or "null")) == (0, []), err
+
+
 def test_a_pool_with_admin_keys_is_scaled_by_poolctl_with_the_admin_key(procs: ProcessSet, tmp_path):
     """The whole path through the processes: the router reads admin_api_keys_file from the YAML,
     the host agent still obeys (its link is the worker socket, not the admin API)."""
