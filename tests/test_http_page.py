@@ -8,6 +8,8 @@ Skips with the reason where Debian's `chromium` is not installed (`.ci/run` inst
 from __future__ import annotations
 
 import asyncio
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -95,10 +97,23 @@ def test_the_page_of_a_keyed_pool_asks_for_the_key_and_sends_it(tmp_path: Path, 
     )
     pool = start_pool(procs, config)
     url = f"http://{config.raw['http']['listen']}/"
+    # What is open without a key (README "Security"): health, the page and its script; not the rest.
+    assert [_status(url + path) for path in ("health", "", "static/page.js")] == [200, 200, 200]
+    assert [_status(url + path) for path in ("pool/status", "metrics", "v1/models")] == [401, 401, 401]
+    assert _status(url + "metrics", GOOD_KEY) == 200
     asyncio.run(_drive_keyed(binary, tmp_path, url))
     log = pool.supervisor.log()
     assert "refused a call to GET /pool/status" in log  # the first refusal (they are rate-limited)
     assert GOOD_KEY not in log and WRONG_KEY not in log
+
+
+def _status(url: str, key: str | None = None) -> int:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
 
 
 KEY_NEEDED = "this pool needs an API key: enter it in the API key field"
