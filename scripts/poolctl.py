@@ -70,9 +70,7 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
     """Plain text, or TLS trusting --tls-ca (with --tls-cert/--tls-key: a client certificate)."""
     if args.tls_ca is None:
         return grpc.insecure_channel(args.admin)
-    ca, cert, key = (
-        Path(path).read_bytes() if path else None for path in (args.tls_ca, args.tls_cert, args.tls_key)
-    )
+    ca, cert, key = args.tls_files
     # The name in the certificate, when --admin names the host otherwise (e.g. through a port-forward).
     options = [("grpc.ssl_target_name_override", args.tls_server_name)] if args.tls_server_name else []
     return grpc.secure_channel(args.admin, grpc.ssl_channel_credentials(ca, key, cert), options)
@@ -216,12 +214,29 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--tls-cert and --tls-server-name need --tls-ca (the CA of the admin API's certificate)")
     key = _read_api_key(parser, args.api_key_file) if args.api_key_file else os.environ.get(API_KEY_VARIABLE)
     args.metadata = (("authorization", f"Bearer {key}"),) if key else ()
+    args.tls_files = tuple(
+        _read_pem(parser, flag, path)
+        for flag, path in (
+            ("--tls-ca", args.tls_ca),
+            ("--tls-cert", args.tls_cert),
+            ("--tls-key", args.tls_key),
+        )
+    )
     if args.command == "scale":
         if (args.device is None) == (args.model is None):
             parser.error("scale needs either DEVICE or --model NAME")
         if args.workers < 0:
             parser.error("scale: the number of workers must be >= 0")
     return args
+
+
+def _read_pem(parser: argparse.ArgumentParser, flag: str, path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        parser.error(f"{flag} {path}: cannot read it: {error.strerror or error}")
 
 
 def _read_api_key(parser: argparse.ArgumentParser, path: str) -> str:

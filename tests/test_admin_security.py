@@ -200,6 +200,8 @@ async def test_poolctl_calls_a_tls_admin_api_with_a_client_certificate_and_a_key
         assert code == 1 and "UNAVAILABLE" in err
         code, _, err = await poolctl(*admin, *tls, "--api-key-file", str(tmp_path / "missing"), "status")
         assert code == 2 and "--api-key-file" in err and "missing" in err
+        code, _, err = await poolctl(*admin, "--tls-ca", str(tmp_path / "no-ca.pem"), *key, "status")
+        assert code == 2 and "--tls-ca" in err and "no-ca.pem: cannot read it" in err
         code, _, err = await poolctl(
             *admin, "--tls-ca", str(files.ca_cert), "--tls-cert", str(files.client_cert), "status"
         )
