@@ -4,6 +4,7 @@ certificate and API key. Prints one JSON object a line, flushed, so the test fol
     python -m tests.netns_client --target HOST:PORT --ca CA [--cert C --key K] [--api-key KEY] \\
         streams --count N            # N concurrent StreamComplete calls: "first" and "end" events
     ... health --wait-s S            # Check until SERVING (or the call's error), one "health" event
+    ... http [--path /v1/models]     # GET on the HTTP front (--target its host:port): one "http" event
 """
 
 from __future__ import annotations
@@ -80,6 +81,26 @@ async def health(args: argparse.Namespace) -> None:
             await asyncio.sleep(0.2)
 
 
+async def http_get(args: argparse.Namespace) -> None:
+    """GET a path of the HTTP front over TLS (the same CA, client certificate and key)."""
+    import ssl
+
+    import aiohttp
+
+    context = ssl.create_default_context(cafile=args.ca)
+    if args.cert:
+        context.load_cert_chain(args.cert, args.key)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    timeout = aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)
+    try:
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            url = f"https://{args.target}{args.path}"
+            async with session.get(url, ssl=context, headers=headers) as response:
+                emit(event="http", status=response.status, body=await response.json())
+    except aiohttp.ClientError as error:
+        emit(event="http", status=None, error=type(error).__name__)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.netns_client")
     parser.add_argument("--target", required=True)
@@ -93,8 +114,11 @@ def main() -> int:
     stream_command.add_argument("--prompt", default="hello")
     health_command = commands.add_parser("health")
     health_command.add_argument("--wait-s", type=float, default=0.0)
+    http_command = commands.add_parser("http")
+    http_command.add_argument("--path", default="/v1/models")
     args = parser.parse_args()
-    asyncio.run(streams(args) if args.command == "streams" else health(args))
+    run = {"streams": streams, "health": health, "http": http_get}[args.command]
+    asyncio.run(run(args))
     return 0
 
 

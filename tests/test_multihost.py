@@ -32,6 +32,7 @@ _WHY_NOT = netns.unavailable()
 pytestmark = pytest.mark.skipif(_WHY_NOT is not None, reason=str(_WHY_NOT))
 
 GRPC_PORT = 18000
+HTTP_PORT = 18080
 WORKER_PORT = 18100
 WAIT_S = 60.0  # generous bounds: the condition is awaited, never timed
 HOST_DEVICES = {"host1": 1, "host2": 2}  # a device id per host: worker ids then tell the hosts apart
@@ -54,25 +55,15 @@ class Pool:
     router_log: Path
     router_public_key: Path
 
-    @property
-    def grpc_target(self) -> str:
-        return f"{self.hosts.links['client'].hub_address}:{GRPC_PORT}"
-
     def worker_endpoint(self, host: str) -> str:
         return f"tcp://{self.hosts.links[host].hub_address}:{WORKER_PORT}"
 
     def client_argv(
-        self, *command: str, api_key: str | None = GOOD_KEY, certificate: bool = True
+        self, *command: str, api_key: str | None = GOOD_KEY, certificate: bool = True, port: int = GRPC_PORT
     ) -> list[str]:
-        argv = [
-            sys.executable,
-            "-m",
-            "tests.netns_client",
-            "--target",
-            self.grpc_target,
-            "--ca",
-            str(self.tls.ca_cert),
-        ]
+        """The client run in the client host, calling the router's front on `port` (gRPC or HTTP)."""
+        target = f"{self.hosts.links['client'].hub_address}:{port}"
+        argv = [sys.executable, "-m", "tests.netns_client", "--target", target, "--ca", str(self.tls.ca_cert)]
         if certificate:
             argv += ["--cert", str(self.tls.client_cert), "--key", str(self.tls.client_key)]
         if api_key is not None:
@@ -96,9 +87,10 @@ def wait_for(condition: Callable[[], bool], what: str) -> None:
         time.sleep(0.1)
 
 
-def write_config(path: Path, security: dict, devices: list[int]) -> Path:
+def write_config(path: Path, security: dict, devices: list[int], http: str | None = None) -> Path:
     config = {
         "router": ROUTER,
+        "http": {"listen": http},
         "model": {"name": "paced", "engine": "paced", "paced": PACED},
         "workers": {"devices": devices, "reconnect_backoff_s": 0.25, "reconnect_backoff_max_s": 1.0},
         "security": security,
@@ -136,7 +128,9 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
                 "allowed_workers_dir": str(allowed),
             },
         }
-        router_config = write_config(folder / "router.yaml", router_security, [0])
+        router_config = write_config(
+            folder / "router.yaml", router_security, [0], http=f"0.0.0.0:{HTTP_PORT}"
+        )
         router_log = folder / "router.log"
         hosts.start("router", [sys.executable, "-m", "router", "--config", str(router_config)], router_log)
         pool = Pool(hosts, folder, tls, router_log, router_public)
@@ -190,6 +184,17 @@ def test_tls_and_api_key_from_another_host(pool):
     # Mutual TLS: without a client certificate the handshake fails, whatever the key.
     assert ends(pool.client("streams", certificate=False))[0]["status"] == "UNAVAILABLE"
     assert pool.client("health", api_key=None) == [{"event": "health", "status": "SERVING"}]
+
+
+def test_the_http_front_over_tls_with_an_api_key_from_another_host(pool):
+    (models,) = pool.client("http", port=HTTP_PORT)
+    assert models["status"] == 200 and models["body"]["object"] == "list"
+    (missing,) = pool.client("http", port=HTTP_PORT, api_key=None)
+    assert missing["status"] == 401 and missing["body"]["error"]["code"] == "invalid_api_key"
+    (wrong,) = pool.client("http", port=HTTP_PORT, api_key=WRONG_KEY)
+    assert wrong["status"] == 401 and wrong["body"]["error"]["type"] == "authentication_error"
+    (no_certificate,) = pool.client("http", port=HTTP_PORT, certificate=False)
+    assert no_certificate["status"] is None  # mutual TLS: the handshake fails
 
 
 def test_a_rogue_peer_never_registers_never_gets_a_prompt_and_service_goes_on(pool):
