@@ -6,8 +6,9 @@ hashes of the turns (common/prefix_hash.py), in their Hello and in the final chu
 generation; the policy hashes each request's prefixes the same way. For the request at the head of
 the queue it prefers, among the idle workers only:
 1. the worker its `x-session-id` last ran on, if that worker has run nothing else since;
-2. the idle worker holding the longest prefix of its conversation (the least recently used one
-   among equals), as SGLang's cache-aware router does with its radix tree (sgl-router);
+2. the idle worker holding the longest prefix of its conversation, at least its first turn (the
+   least recently used one among equals), as SGLang's cache-aware router does with its radix tree
+   (sgl-router); a shared system prompt alone does not count;
 3. else nobody: the registry takes its least recently used idle worker, as without the policy.
 It never makes a request wait while a worker is idle, and it never reorders the queue: a busy
 holder does not hold its conversation back (another idle worker takes it at once and prefills
@@ -94,7 +95,9 @@ class CachePolicy:
                 return idle[identity], Match.SESSION
         if generate.HasField("raw_prompt"):
             return None, Match.NONE  # no conversation to match (the HTTP front's /v1/completions)
-        for value in reversed(conversation_hashes(generate.system_message, generate.history)):
+        # Depth 1 at least: a system prompt alone is shared by many conversations and worth little; on
+        # it the least recently used worker serves, which keeps the load spread over the pool.
+        for value in reversed(conversation_hashes(generate.system_message, generate.history)[1:]):
             holders = self._holders.get(value)
             if holders and any(identity in idle for identity in holders):
                 return next(idle[identity] for identity in idle if identity in holders), Match.PREFIX

@@ -57,7 +57,10 @@ def test_the_worker_holding_the_longest_prefix_is_chosen():
     assert policy.choose(turn3, idle(c, a, b)) is b
     assert policy.choose(turn3, idle(c, a)) is a, "the holder is busy: the next longest"
     assert policy.choose(generate("new", system="another"), idle(c, a, b)) is None
-    assert dispatch_counts(metrics) == {"prefix": 2.0, "none": 1.0}
+    # The same system prompt alone is no match: the least recently used worker serves.
+    assert policy.choose(generate("new"), idle(a, b, c)) is None
+    assert policy.choose(turn3, idle(c)) is None
+    assert dispatch_counts(metrics) == {"prefix": 2.0, "none": 3.0}
 
 
 def test_among_equal_holders_the_least_recently_used_wins():

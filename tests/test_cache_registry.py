@@ -94,9 +94,9 @@ async def test_final_chunks_update_what_a_worker_holds():
         first.chunk(generate.request_id, "", 0, error_kind=worker_pb2.ERROR_ENGINE, error_message="boom")
         with contextlib.suppress(Exception):
             await read_all(call)
-        # w2 serves another conversation and reports only the system prompt, shared with turn two.
+        # w2 serves turn one of the conversation (another answer) and reports holding that turn.
         call = router.stub.StreamComplete(inference_pb2.CompletionRequest(
-            system_message=SYSTEM, history=[inference_pb2.ChatMessage(role=1, content="other")]
+            system_message=SYSTEM, history=[inference_pb2.ChatMessage(role=1, content="first question")]
         ))  # fmt: skip
         generate = await second.next_generate()
         second.send(
@@ -105,7 +105,7 @@ async def test_final_chunks_update_what_a_worker_holds():
                 text="x",
                 completion_tokens=1,
                 finish_reason=worker_pb2.FINISH_STOP,
-                held_prefix=conversation_hashes(SYSTEM, []),
+                held_prefix=conversation_hashes(SYSTEM, [worker_pb2.Turn(role=1, content="first question")]),
             )
         )
         await read_all(call)
