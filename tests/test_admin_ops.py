@@ -47,15 +47,7 @@ PACE = {"tokens_per_second": 40.0, "first_token_delay_s": 0.05, "tokens_per_requ
 
 
 def paced_pool(devices: list[int] | None = None) -> dict[str, Any]:
-    """Least-recently-used dispatch: with cache-aware dispatch (router.cache_aware, the default) an
-    idle worker holding the load's shared system prompt is preferred, so a worker scaled up while
-    others are idle gets no work until they are busy, and where requests go after an operation
-    would say nothing about the operation."""
-    return {
-        "router": {"cache_aware": False},
-        "model": {"paced": PACE},
-        "workers": {"devices": devices or [0, 1], "per_device": 1},
-    }
+    return {"model": {"paced": PACE}, "workers": {"devices": devices or [0, 1], "per_device": 1}}
 
 
 def ids(workers: list) -> set[str]:
