@@ -94,6 +94,68 @@ def test_stop_strings_cut_the_answer_exactly(weights, tiny_chat_tokenizer, greed
     assert all(chunk.text for chunk in chunks[:-1])
 
 
+def test_a_stop_string_ends_with_the_counts_of_the_tokens_it_took(
+    weights, tiny_chat_tokenizer, greedy_answer
+):
+    engine, graphs = probed_engine(weights, tiny_chat_tokenizer)
+    stop = greedy_answer[20:25]
+    chunks = ask(engine, max_new_tokens=40, stop=(stop,))
+    assert chunks[-1].finish_reason is FinishReason.STOP
+    assert chunks[-1].completion_tokens == len(graphs.named("lm_head")) < 40  # every token decoded so far
+    assert chunks[-1].prompt_tokens == len(prompt_ids(tiny_chat_tokenizer, QUESTION))
+
+
+def test_an_end_of_sequence_token_ends_the_answer_and_is_counted(weights, tiny_chat_tokenizer):
+    engine, graphs = probed_engine(weights, tiny_chat_tokenizer)
+    (eos,) = sorted(tiny_chat_tokenizer.eos_token_ids)[:1]
+    graphs.forced_tokens[4] = eos  # three answer tokens, then end of sequence
+    chunks = ask(engine, max_new_tokens=40)
+    assert text_of(chunks) == text_of(ask(make_engine(weights, tiny_chat_tokenizer), max_new_tokens=3))
+    assert chunks[-1].finish_reason is FinishReason.STOP
+    assert chunks[-1].completion_tokens == 4  # the end-of-sequence token counts (as vLLM counts it)
+    assert chunks[-1].prompt_tokens == len(prompt_ids(tiny_chat_tokenizer, QUESTION))
+    assert [chunk.completion_tokens for chunk in chunks[:-1]] == sorted(
+        {c.completion_tokens for c in chunks[:-1]}
+    )
+
+
+def test_the_configured_sampling_defaults_apply_to_what_a_request_leaves_out(weights, tiny_chat_tokenizer):
+    greedy = text_of(ask(make_engine(weights, tiny_chat_tokenizer), max_new_tokens=12))
+    # top_k 1 from the defaults: sampling that can only pick the best token, i.e. greedy.
+    top_k_one = GenerationDefaults(temperature=1.0, top_k=1, top_p=1.0, repetition_penalty=1.0, seed=3)
+    assert (
+        text_of(ask(make_engine(weights, tiny_chat_tokenizer, defaults=top_k_one), max_new_tokens=12))
+        == greedy
+    )
+    # A tiny top_p from the defaults does the same; the configured seed makes sampling reproducible.
+    top_p_tiny = GenerationDefaults(temperature=1.0, top_k=0, top_p=1e-6, repetition_penalty=1.0, seed=3)
+    assert (
+        text_of(ask(make_engine(weights, tiny_chat_tokenizer, defaults=top_p_tiny), max_new_tokens=12))
+        == greedy
+    )
+    seeded = GenerationDefaults(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=3)
+    answers = {
+        text_of(ask(make_engine(weights, tiny_chat_tokenizer, defaults=seeded), max_new_tokens=12))
+        for _ in "ab"
+    }
+    assert len(answers) == 1 and greedy not in answers
+    # A repetition penalty from the defaults changes the greedy answer; a penalty window of 0 turns it off.
+    penalized = GenerationDefaults(temperature=0.0, repetition_penalty=5.0, penalty_window=64)
+    assert (
+        text_of(ask(make_engine(weights, tiny_chat_tokenizer, defaults=penalized), max_new_tokens=12))
+        != greedy
+    )
+    # The request's own values win over the defaults.
+    engine = make_engine(weights, tiny_chat_tokenizer, defaults=seeded)
+    assert text_of(ask(engine, max_new_tokens=12, top_k=1)) == greedy
+    assert text_of(ask(engine, max_new_tokens=12, temperature=0.0, repetition_penalty=5.0)) != greedy
+    no_window = GenerationDefaults(temperature=0.0, repetition_penalty=5.0, penalty_window=0)
+    assert (
+        text_of(ask(make_engine(weights, tiny_chat_tokenizer, defaults=no_window), max_new_tokens=12))
+        == greedy
+    )
+
+
 def test_max_new_tokens_gives_length(weights, tiny_chat_tokenizer):
     chunks = ask(make_engine(weights, tiny_chat_tokenizer), max_new_tokens=5)
     assert chunks[-1].finish_reason is FinishReason.LENGTH
