@@ -276,11 +276,19 @@ def test_greedy_only_head_refuses_sampling_requests(weights, tiny_chat_tokenizer
         with pytest.raises(RequestError, match="greedy decoding compiled into its bmodel"):
             ask(engine, max_new_tokens=40, **params)
 
+    with pytest.raises(RequestError) as refused:
+        ask(engine, max_new_tokens=40, temperature=0.7, top_k=40, top_p=0.5, repetition_penalty=1.2)
+    assert str(refused.value) == (
+        "model tiny-chat has greedy decoding compiled into its bmodel (lm_head returns token ids), so "
+        "sampling cannot be applied: remove temperature, top_k, top_p, repetition_penalty from the request "
+        "or use temperature 0"
+    )
+
     # Config defaults (temperature 0.7) do not apply; neutral explicit values are accepted.
     assert text_of(ask(engine, max_new_tokens=40)) == greedy_answer
-    assert (
-        text_of(ask(engine, max_new_tokens=40, temperature=0.0, top_k=1, top_p=1.0, seed=5)) == greedy_answer
-    )
+    neutral = {"temperature": 0.0, "top_p": 1.0, "repetition_penalty": 1.0, "seed": 5}
+    for top_k in (0, 1):
+        assert text_of(ask(engine, max_new_tokens=40, top_k=top_k, **neutral)) == greedy_answer
 
 
 @pytest.mark.parametrize(
