@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import models, pre_tokenizers, trainers
 
 from worker.core.builtin_model import builtin_model_path
-from worker.core.request import USER, Turn
+from worker.core.request import USER, RequestError, Turn
 from worker.core.tokenizer import load_tokenizer
 
 ROUND_TRIP_TEXTS = [
@@ -131,6 +132,30 @@ def test_vocab_json_and_merges_txt_folder(tmp_path):
     assert tokenizer.eos_token_ids == {base + 1}
     assert tokenizer.vocab_size == base + 3
     assert tokenizer.chat_template.render("", [Turn(USER, "hi")]) == "[user]hi"
+
+
+def test_a_chat_template_file_beside_the_config_wins_over_the_config_jinja_first(tmp_path):
+    """Newer transformers save chat_template.jinja (or chat_template.json) beside tokenizer_config.json."""
+    train_tiny_byte_level_bpe(tmp_path)
+    config = {"eos_token": "hello", "chat_template": "config:{{ messages[0].content }}", "bos_token": "B"}
+    write_json(tmp_path / "tokenizer_config.json", config)
+    turns = [Turn(USER, "hi 你好")]
+    assert load_tokenizer(tmp_path).chat_template.render("", turns) == "config:hi 你好"
+    write_json(
+        tmp_path / "chat_template.json", {"chat_template": "json:{{ bos_token }}{{ messages[0].content }}"}
+    )
+    assert load_tokenizer(tmp_path).chat_template.render("", turns) == "json:Bhi 你好"
+    (tmp_path / "chat_template.jinja").write_text("jinja:{{ messages[0].content }}", encoding="utf-8")
+    assert load_tokenizer(tmp_path).chat_template.render("", turns) == "jinja:hi 你好"
+    (tmp_path / "chat_template.jinja").write_text("{{ raise_exception('no') }}", encoding="utf-8")
+    with pytest.raises(RequestError, match=re.escape(str(tmp_path / "chat_template.jinja"))):
+        load_tokenizer(tmp_path).chat_template.render("", turns)
+    (tmp_path / "chat_template.jinja").unlink()
+    write_json(tmp_path / "chat_template.json", {"chat_template": 42})
+    with pytest.raises(
+        ValueError, match=re.escape(f"{tmp_path / 'chat_template.json'}: chat_template must be")
+    ):
+        load_tokenizer(tmp_path)
 
 
 def test_added_tokens_that_skip_ids_are_refused(tmp_path):
