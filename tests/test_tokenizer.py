@@ -15,7 +15,7 @@ from tokenizers import models, pre_tokenizers, trainers
 
 from worker.core.builtin_model import builtin_model_path
 from worker.core.request import USER, RequestError, Turn
-from worker.core.tokenizer import load_tokenizer
+from worker.core.tokenizer import Tokenizer, load_tokenizer
 
 ROUND_TRIP_TEXTS = [
     "Hello, world!",
@@ -311,3 +311,28 @@ def write_gguf(path: Path, add_metadata) -> Path:
 
 def write_json(path: Path, content: dict) -> None:
     path.write_text(json.dumps(content), encoding="utf-8")
+
+
+@pytest.mark.parametrize("flag", ["lstrip", "rstrip", "single_word", "special"])
+def test_the_flags_of_added_tokens_in_tokenizer_config_are_honoured(tmp_path, flag):
+    vocab = train_tiny_byte_level_bpe(tmp_path)
+    marker = len(vocab)
+
+    def loaded(**flags: bool) -> Tokenizer:
+        entry = {"content": "<x>", "special": False, **flags}
+        write_json(
+            tmp_path / "tokenizer_config.json",
+            {"added_tokens_decoder": {str(marker): entry}, "eos_token": "<x>"},
+        )
+        return load_tokenizer(tmp_path)
+
+    plain, flagged = loaded(), loaded(**{flag: True})
+    hello, world = plain.encode("hello"), plain.encode("world")
+    if flag == "lstrip":  # the space before the token goes with it
+        assert flagged.encode("hello <x>") == [*hello, marker] != plain.encode("hello <x>")
+    elif flag == "rstrip":  # the space after it too
+        assert flagged.encode("<x> world") == [marker, *world] != plain.encode("<x> world")
+    elif flag == "single_word":  # only as a word of its own
+        assert marker not in flagged.encode("hello<x>world") and marker in plain.encode("hello<x>world")
+    else:  # special tokens are left out of decoded text
+        assert flagged.decode([*hello, marker]) == "hello" and plain.decode([*hello, marker]) == "hello<x>"
