@@ -7,6 +7,7 @@ enough for mutation testing: scripts/mutate.py runs these against worker/service
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -157,3 +158,39 @@ def test_chunks_of_an_abandoned_generation_are_not_sent_and_it_ends(wired):
     wired.wait_idle()  # the abandon cancels the engine: the generation ends within a token
     wired.marker()
     assert chunks_of(wired.until_marker()) == [], "a chunk of the abandoned generation went out"
+
+
+def worker_log(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.name == "worker"]
+
+
+def test_what_the_worker_does_with_each_message_is_logged_with_the_request_id(wired, caplog):
+    caplog.set_level(logging.INFO, logger="worker")
+    wired.slow_down()
+    wired.deliver_from_router(generate(""))
+    wired.start("r1")
+    wired.deliver_from_router(pb.Cancel(request_id="elsewhere"))
+    wired.deliver_from_router(pb.Heartbeat())
+    wired.deliver_from_router(pb.Hello(worker_id="confused router"))
+    wired.deliver_from_router(pb.Cancel(request_id="r1"))
+    wired.wait_idle()
+    assert worker_log(caplog)[:5] == [
+        "dropped a Generate without a request id",
+        "request r1: started (1 turns)",
+        "request elsewhere: cancel for a request not running here, ignored",
+        "dropped an unexpected hello message from the router",
+        "request r1: cancel received",
+    ]
+
+
+def test_a_disconnect_abandons_the_request_and_registers_again(wired, caplog):
+    caplog.set_level(logging.INFO, logger="worker")
+    wired.slow_down()
+    wired.start("r1")
+    assert wired.peer.expect("chunk").request_id == "r1"
+    wired.deliver_from_router(pb.Disconnect(reason=""))
+    assert not wired.service._registered
+    assert wired.service._current is None or wired.service._current.abandoned
+    assert "the router disconnected this worker (no reason given); registering again" in worker_log(caplog)
+    assert "request r1: abandoned (the router disconnected this worker)" in worker_log(caplog)
+    wired.wait_idle()
