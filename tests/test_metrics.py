@@ -224,7 +224,7 @@ async def test_the_request_id_comes_from_the_client_or_the_router_and_reaches_th
         # The same id while the first call is open: kept recognisable, made unique.
         twin = router.stub.StreamComplete(request("twin"), metadata=((REQUEST_ID_KEY, "client-7f3a.1"),))
         twin_id = (await twin.initial_metadata())[REQUEST_ID_KEY]
-        assert twin_id.startswith("client-7f3a.1-") and twin_id != "client-7f3a.1"
+        assert re.fullmatch(r"client-7f3a\.1-[0-9a-f]{4}", twin_id), twin_id  # as README: abc -> abc-1f2e
         worker.chunk("client-7f3a.1", "done", 1, finish=worker_pb2.FINISH_STOP)
         assert (await read_all(chosen))[-1].finished
         assert (await worker.next_generate()).request_id == twin_id
