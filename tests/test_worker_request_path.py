@@ -194,3 +194,6 @@ def test_a_disconnect_abandons_the_request_and_registers_again(wired, caplog):
     assert "the router disconnected this worker (no reason given); registering again" in worker_log(caplog)
     assert "request r1: abandoned (the router disconnected this worker)" in worker_log(caplog)
     wired.wait_idle()
+    with wired.service._lock:  # the loop's next tick: a Hello at once (the abandoned request is over)
+        wired.service._on_clock(time.monotonic())
+    assert wired.peer.expect("hello", skip=("heartbeat", "chunk")).worker_id == WORKER_ID
