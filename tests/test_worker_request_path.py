@@ -22,7 +22,7 @@ from worker.core.paced import PacedEngine
 from worker.service import WorkerIdentity, WorkerService
 
 TOKENS = 6  # a paced answer's length
-INTERVAL_MS = 200
+INTERVAL_MS = 1000  # x liveness 3: the worker holds back its chunks after 4 s without sending
 SLOW = PacedConfig(tokens_per_second=10.0, first_token_delay_s=0.0, tokens_per_request=1000)
 
 
@@ -39,6 +39,8 @@ class Wired:
             self.service._drain_router()
 
     def start(self, request_id: str, **params: object) -> None:
+        self.marker()  # the heartbeat the loop would have sent: the worker is not overdue
+        self.until_marker()
         self.deliver_from_router(generate(request_id, "hello there", **params))
 
     def marker(self) -> None:
@@ -197,3 +199,17 @@ def test_a_disconnect_abandons_the_request_and_registers_again(wired, caplog):
     with wired.service._lock:  # the loop's next tick: a Hello at once (the abandoned request is over)
         wired.service._on_clock(time.monotonic())
     assert wired.peer.expect("hello", skip=("heartbeat", "chunk")).worker_id == WORKER_ID
+
+
+def test_a_request_waiting_for_its_first_token_has_a_step_deadline_and_an_idle_disconnect_is_harmless(wired):
+    wired.service._engine._pace = PacedConfig(
+        tokens_per_second=10.0, first_token_delay_s=1.0, tokens_per_request=3
+    )
+    wired.start("r1")
+    with wired.service._lock:  # the loop's view before any token: the engine watchdog's deadline is set
+        assert wired.service._next_deadline() <= time.monotonic() + INTERVAL_MS / 1000
+        wired.service._on_clock(time.monotonic())
+    assert wired.peer.chunks_until_final("r1")[-1].completion_tokens == 3
+    wired.wait_idle()
+    wired.deliver_from_router(pb.Disconnect(reason="bye"))  # nothing to abandon
+    assert not wired.service._registered and wired.service._current is None
