@@ -176,6 +176,10 @@ def test_what_the_worker_does_with_each_message_is_logged_with_the_request_id(wi
     wired.deliver_from_router(pb.Hello(worker_id="confused router"))
     wired.deliver_from_router(pb.Cancel(request_id="r1"))
     wired.wait_idle()
+    wired.service._deliver(pb.Chunk(request_id="ghost", text="boo", completion_tokens=1))  # a bug's chunk
+    wired.marker()
+    assert "ghost" not in [getattr(message, "request_id", "") for _, message in wired.until_marker()]
+    assert worker_log(caplog)[-1] == "request ghost: chunk from the generation thread for no current request"
     assert worker_log(caplog)[:5] == [
         "dropped a Generate without a request id",
         "request r1: started (1 turns)",
