@@ -102,7 +102,8 @@ def test_a_generate_is_answered_with_its_chunks_then_one_final_chunk(wired):
     assert wired.peer.chunks_until_final("r2")[-1].completion_tokens == TOKENS
 
 
-def test_a_generate_while_busy_is_refused_with_an_error_naming_the_busy_request(wired):
+def test_a_generate_while_busy_is_refused_with_an_error_naming_the_busy_request(wired, caplog):
+    caplog.set_level(logging.INFO, logger="worker")
     wired.slow_down()
     wired.start("long")
     assert wired.peer.expect("chunk").request_id == "long"
@@ -114,6 +115,7 @@ def test_a_generate_while_busy_is_refused_with_an_error_naming_the_busy_request(
     assert (refusal.finish_reason, refusal.error_kind) == (pb.FINISH_ERROR, pb.ERROR_ENGINE)
     assert refusal.error_message == f"worker {WORKER_ID} is busy with request long"
     assert wired.service._current.request_id == "long"
+    assert "request second: refused, busy with request long" in worker_log(caplog)
 
 
 def test_a_generate_without_a_request_id_is_dropped(wired):
