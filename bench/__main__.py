@@ -1,4 +1,5 @@
-"""`python -m bench` (`make bench`): the router-overhead suite and the CPU engine benchmark.
+"""`python -m bench` (`make bench`): the router-overhead suite, the CPU engine benchmark and the
+multi-turn KV-reuse benchmark (bench/multiturn.py).
 
 Writes bench/results/bench-<time>.json (and latest.json), a plot of added latency against
 concurrency beside it, and prints the figures with the targets of issue 5.
@@ -6,6 +7,7 @@ concurrency beside it, and prints the figures with the targets of issue 5.
     python -m bench                    # everything, full windows (about 10 minutes on 2 cores)
     python -m bench --quick            # short windows, fewer levels (about a minute, plus the engine)
     python -m bench --only latency,relay --profile 8
+    python -m bench --only http        # the HTTP/SSE front beside gRPC (bench/http_vs_grpc.py)
 """
 
 from __future__ import annotations
@@ -17,16 +19,20 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import psutil
 
-from bench import plot, router_overhead, targets
+from bench import http_vs_grpc, multiturn, plot, router_overhead, targets
 from bench.engine import run_engine_benchmark
+from router import event_loop
 
 ENGINE = "engine"
+HTTP = "http"  # the HTTP/SSE front beside gRPC
+MULTITURN = "multiturn"
 
 
 def machine() -> dict:
@@ -69,7 +75,7 @@ def _commit() -> str | None:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    router_overhead.add_arguments(parser, (*router_overhead.SCENARIOS, ENGINE))
+    router_overhead.add_arguments(parser, (*router_overhead.SCENARIOS, HTTP, ENGINE, MULTITURN))
     parser.add_argument("--engine-args", default="", help="arguments for scripts/bench_engine.py")
     parser.add_argument("--plot", type=Path, help="also write the latency plot here")
     return parser.parse_args(argv)
@@ -78,12 +84,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     names = [name.strip() for name in args.only.split(",") if name.strip()]
-    known = (*router_overhead.SCENARIOS, ENGINE)
+    known = (*router_overhead.SCENARIOS, HTTP, ENGINE, MULTITURN)
     if not names or not set(names) <= set(known):
         print(f"bench: --only takes names from {', '.join(known)}; got {args.only!r}", file=sys.stderr)
         return 2
     run_engine = ENGINE in names
-    args.only = ",".join(name for name in names if name != ENGINE)
+    run_http = HTTP in names
+    run_multiturn = MULTITURN in names
+    args.only = ",".join(name for name in names if name not in (ENGINE, HTTP, MULTITURN))
     try:
         settings, scenarios = router_overhead.settings_from_args(args) if args.only else (None, [])
     except ValueError as error:
@@ -92,15 +100,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine()}
     if scenarios:
         results["router"] = asyncio.run(router_overhead.run_suite(settings, scenarios, args.artifacts))
+    if run_http:
+        print("HTTP/SSE vs gRPC ...", file=sys.stderr, flush=True)
+        rounds = http_vs_grpc.QUICK_ROUNDS if args.quick else http_vs_grpc.ROUNDS
+        with tempfile.TemporaryDirectory(prefix="bench-http-") as scratch:
+            results[HTTP] = event_loop.run(
+                http_vs_grpc.run(rounds, Path(scratch)), http_vs_grpc.CLIENT_EVENT_LOOP
+            )
     if run_engine:
         print("engine benchmark ...", file=sys.stderr, flush=True)
         results[ENGINE] = run_engine_benchmark(args.engine_args.split())
+    if run_multiturn:
+        results[MULTITURN] = multiturn.run(multiturn.POOLS, args.quick, args.artifacts / MULTITURN)
     results["load_average_after"] = os.getloadavg()
     written = _write(results, args.artifacts, args.plot)
     if "router" in results:
         print(targets.format_table(targets.evaluate(results)))
+    if run_http:
+        print(http_vs_grpc.format_table(results[HTTP]))
     if run_engine:
         print(results[ENGINE]["output"].rstrip())
+    for summary in results.get(MULTITURN, {}).values():
+        print(multiturn.format_summary(summary))
     print("\n".join(f"wrote {path}" for path in written))
     return 0
 

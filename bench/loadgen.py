@@ -127,19 +127,28 @@ def build_request(spec: LoadSpec, prompt: str) -> pb.CompletionRequest:
 
 
 async def run_load(
-    addr: str, spec: LoadSpec, prompts: Sequence[str], stop: asyncio.Event | None = None
+    addr: str,
+    spec: LoadSpec,
+    prompts: Sequence[str],
+    stop: asyncio.Event | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
+    metadata: Sequence[tuple[str, str]] = (),
 ) -> LoadRun:
     """Drive the service at addr as spec says; every request issued is in the returned records.
 
-    Setting `stop` ends the run early, as the end of spec.duration_s does.
+    Setting `stop` ends the run early, as the end of spec.duration_s does. `credentials`: connect
+    with TLS; `metadata` goes with every call (e.g. an API key).
     """
     if not prompts:
         raise ValueError("no prompts to send")
-    channels = [grpc.aio.insecure_channel(addr) for _ in range(spec.channels)]
+    channels = [
+        grpc.aio.secure_channel(addr, credentials) if credentials else grpc.aio.insecure_channel(addr)
+        for _ in range(spec.channels)
+    ]
     try:
         await _connect(addr, channels)
         stubs = [InferenceServiceStub(channel) for channel in channels]
-        driver = _Driver(spec, stubs, prompts, stop or asyncio.Event())
+        driver = _Driver(spec, stubs, prompts, stop or asyncio.Event(), tuple(metadata))
         started_ns = time.time_ns()
         await driver.run()
         return LoadRun(spec, driver.records, started_ns, time.time_ns())
@@ -161,9 +170,15 @@ class _Driver:
     """Issues requests until the count is reached or the run is stopped, recording every frame."""
 
     def __init__(
-        self, spec: LoadSpec, stubs: list[InferenceServiceStub], prompts: Sequence[str], stop: asyncio.Event
+        self,
+        spec: LoadSpec,
+        stubs: list[InferenceServiceStub],
+        prompts: Sequence[str],
+        stop: asyncio.Event,
+        metadata: tuple[tuple[str, str], ...] = (),
     ) -> None:
         self.spec = spec
+        self.metadata = metadata
         self.stubs = stubs
         self.requests = [build_request(spec, prompt) for prompt in prompts]
         self.records: list[RequestRecord] = []
@@ -239,7 +254,7 @@ class _Driver:
         stub = self.stubs[index % len(self.stubs)]
         request = self.requests[index % len(self.requests)]
         try:
-            call = stub.StreamComplete(request, timeout=self.spec.timeout_s)
+            call = stub.StreamComplete(request, timeout=self.spec.timeout_s, metadata=self.metadata)
             async for frame in call:
                 _record_frame(record, frame, time.time_ns())
             record.status = grpc.StatusCode.OK.name

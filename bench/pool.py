@@ -60,6 +60,8 @@ class PoolSpec:
     # Cores for each process; None = those of the process that starts the pool (inherited).
     router_cpus: frozenset[int] | None = None
     worker_cpus: frozenset[int] | None = None
+    security: dict | None = None  # the config's `security:` section (TLS, API keys, CURVE)
+    client_credentials: grpc.ChannelCredentials | None = None  # how to reach a TLS front
 
 
 def free_port() -> int:
@@ -107,6 +109,8 @@ class PacedPool:
         self.addr = f"127.0.0.1:{free_port()}"
         self.zmq_endpoint = f"tcp://127.0.0.1:{free_port()}"
         self.metrics_url = f"http://127.0.0.1:{free_port()}/metrics"
+        self.http_url = f"http://127.0.0.1:{free_port()}"  # the OpenAI-compatible front
+        self.admin_addr = f"127.0.0.1:{free_port()}"
         self.config_path = scratch / "pool.yaml"
         self.router: subprocess.Popen | None = None
         self.workers: list[subprocess.Popen] = []
@@ -222,6 +226,7 @@ class PacedPool:
                 "event_loop": self.spec.event_loop,
                 "metrics_listen": self.metrics_url.removeprefix("http://").removesuffix("/metrics"),
             },
+            "admin": {"listen": self.admin_addr},
             "model": {
                 "name": "paced",
                 "engine": "paced",
@@ -235,7 +240,10 @@ class PacedPool:
                 },
             },
             "workers": {"devices": [0], "per_device": 1},
+            "http": {"listen": self.http_url.removeprefix("http://")},
         }
+        if self.spec.security is not None:
+            config["security"] = self.spec.security
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
 
     def _log_path(self, name: str) -> Path:
@@ -255,7 +263,11 @@ class PacedPool:
         return state.idle_workers + state.busy_workers == len(self.workers)
 
     def _router_listens(self) -> bool:
-        with grpc.insecure_channel(self.addr) as channel:
+        credentials = self.spec.client_credentials
+        channel = (
+            grpc.secure_channel(self.addr, credentials) if credentials else grpc.insecure_channel(self.addr)
+        )
+        with channel:
             try:
                 grpc.channel_ready_future(channel).result(timeout=0.5)
             except grpc.FutureTimeoutError:

@@ -10,10 +10,14 @@ from google.protobuf.message import DecodeError, Message
 
 from protos import worker_pb2 as pb
 
-PROTOCOL_VERSION = 1
+# 2: Hello.device_group; 3: Generate.raw_prompt; 4: host agents, Retire, models;
+# 5: KV reuse (held_prefix, cached_prompt_tokens, session_id)
+PROTOCOL_VERSION = 5
 # Larger frames are refused unread (ZMQ_MAXMSGSIZE): a Generate carries at most the validated
 # request (router max_request_bytes) plus a little framing.
 MAX_FRAME_BYTES = 4 << 20
+# A worker that obeyed a Retire exits with this code; its supervisor does not restart it.
+EXIT_RETIRED = 75
 
 
 class WireError(ValueError):

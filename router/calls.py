@@ -1,4 +1,5 @@
-"""One gRPC call as the router's logs and metrics see it: its request id, its outcome, its log line.
+"""One call, from either front, as the router's logs and metrics see it: its request id, its
+outcome, its log line.
 
 The request id is the client's `x-request-id` metadata value when it sends one (1 to
 MAX_REQUEST_ID_CHARS printable ASCII characters, no spaces; any other value is refused with
@@ -6,10 +7,14 @@ INVALID_ARGUMENT), else a new random id. The scheduler keeps ids unique among op
 second open call with the same id gets a suffix). The id goes to the worker in the Generate, so
 the worker's log lines carry it too, and back to the client in the initial metadata `x-request-id`.
 
-At its end every call, admitted or refused, is counted in the metrics and logged in one line:
+At its end every call, admitted or refused, is counted in the metrics and logged in one line
+that names its front (grpc or http) and method:
 
-    request 4f1c2a9e0b7d3c65: StreamComplete OK, finish stop, worker w1; queue 0.002 s,
-    first token 0.705 s, total 6.981 s; prompt 23 tokens, 64 tokens
+    request 4f1c2a9e0b7d3c65: grpc StreamComplete OK, finish stop, worker w1; queue 0.002 s,
+    first token 0.705 s, total 6.981 s; prompt 23 tokens, 64 tokens; 20 prompt tokens from the KV cache
+
+The HTTP front (router/http/) names its outcomes with the same status names (its table maps them
+to HTTP codes), and logs one line per generation: a request with n choices is n calls.
 """
 
 from __future__ import annotations
@@ -32,12 +37,16 @@ log = logging.getLogger(__name__)
 
 REQUEST_ID_KEY = "x-request-id"
 MAX_REQUEST_ID_CHARS = 128
+GRPC_FRONT = "grpc"
 
 
 class Call:
-    __slots__ = ("ended_at", "job", "method", "request_id", "request_id_problem", "started_at")
+    __slots__ = ("ended_at", "front", "job", "method", "request_id", "request_id_problem", "started_at")
 
-    def __init__(self, method: str, metadata: Sequence[tuple[str, str | bytes]] | None) -> None:
+    def __init__(
+        self, method: str, metadata: Sequence[tuple[str, str | bytes]] | None, front: str = GRPC_FRONT
+    ) -> None:
+        self.front = front
         self.method = method
         self.started_at = time.monotonic()
         self.ended_at = 0.0
@@ -63,10 +72,14 @@ def observed_call(method: str, context: grpc.aio.ServicerContext, metrics: PoolM
         error = raised
         raise
     finally:
-        call.ended_at = time.monotonic()
-        code = _status(context, error)
-        metrics.on_call_end(call, code)
-        _log_end(call, code)
+        end_call(call, _status(context, error), metrics)
+
+
+def end_call(call: Call, code: grpc.StatusCode, metrics: PoolMetrics) -> None:
+    """Count the call in the metrics and write its log line (once, when it ended with `code`)."""
+    call.ended_at = time.monotonic()
+    metrics.on_call_end(call, code)
+    _log_end(call, code)
 
 
 def _request_id(metadata: Sequence[tuple[str, str | bytes]]) -> tuple[str, str]:
@@ -106,17 +119,24 @@ def _log_end(call: Call, code: grpc.StatusCode) -> None:
     job = call.job
     if job is None:
         log.info(
-            "request %s: %s %s, not admitted; total %.3f s", call.request_id, call.method, code.name, total_s
+            "request %s: %s %s %s, not admitted; total %.3f s",
+            call.request_id,
+            call.front,
+            call.method,
+            code.name,
+            total_s,
         )
         return
     timings = job.timings
     first_token_s = timings.time_to_first_token()
     log.info(
-        "request %s: %s %s, finish %s, worker %s; queue %.3f s, first token %s, total %.3f s; "
-        "prompt %d tokens, %d tokens",
+        "request %s: %s %s %s%s, finish %s, worker %s; queue %.3f s, first token %s, total %.3f s; "
+        "prompt %d tokens, %d tokens; %d prompt tokens from the KV cache",
         call.request_id,
+        call.front,
         call.method,
         code.name,
+        "" if job.model is None else f", model {job.model}",
         timings.finish_name,
         job.worker.worker_id if job.worker is not None else "-",
         timings.queue_wait(call.ended_at),
@@ -124,4 +144,5 @@ def _log_end(call: Call, code: grpc.StatusCode) -> None:
         total_s,
         timings.prompt_tokens,
         timings.completion_tokens,
+        timings.cached_prompt_tokens,
     )

@@ -69,15 +69,17 @@ class Job:
         "attempts",
         "delivered",
         "generate",
+        "model",
         "request_id",
         "timer",
         "timings",
         "worker",
     )
 
-    def __init__(self, request_id: str, generate: worker_pb2.Generate) -> None:
+    def __init__(self, request_id: str, generate: worker_pb2.Generate, model: str | None = None) -> None:
         self.request_id = request_id
         self.generate = generate
+        self.model = model  # which model's workers may run it; None = any
         self.worker: WorkerRecord | None = None  # the worker serving it, or that served it last
         self.attempts = 0  # dispatches so far
         self.delivered = False  # the client has been handed output: it can no longer be re-run

@@ -69,6 +69,7 @@ class RequestTimings:
     first_token_at: float | None = None
     last_token_at: float = 0.0
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # of prompt_tokens, those the worker kept in its KV cache
     completion_tokens: int = 0
     finish_reason: int = worker_pb2.FINISH_NONE  # FINISH_ERROR for an error chunk
 
@@ -88,7 +89,7 @@ class RequestTimings:
 @dataclass(frozen=True)
 class _PoolView:
     snapshot: Snapshot
-    workers: list[tuple[str, int, str]]  # worker_id, device_id, state
+    workers: list[tuple[str, str | int, str, str]]  # worker_id, device_id (a group: "0,1"), model, state
     histograms: list[tuple[list[int], float]]  # LoopHistogram.read() of each, in registration order
 
 
@@ -136,11 +137,28 @@ class PoolMetrics:
         metric = {"namespace": NAMESPACE, "registry": self.registry}
         self._requests = Counter(
             "requests",
-            "Calls ended, by method, gRPC status code and finish reason (none: no finished generation)",
-            ("grpc_method", "grpc_code", "finish_reason"),
+            "Calls ended, by front (grpc, http), method, status code (gRPC's names; the HTTP front "
+            "maps its answers to them), finish reason (none: no finished generation) and model (empty "
+            "when not admitted or with no configured model)",
+            ("front", "grpc_method", "grpc_code", "finish_reason", "model"),
             **metric,
         )
         self._prompt_tokens = Counter("prompt_tokens", "Prompt tokens of the requests served", **metric)
+        self._prompt_tokens_cached = Counter(
+            "prompt_tokens_cached",
+            "Prompt tokens of the requests served that the worker kept in its KV cache (not prefilled)",
+            **metric,
+        )
+        self._prompt_tokens_computed = Counter(
+            "prompt_tokens_computed", "Prompt tokens of the requests served that were prefilled", **metric
+        )
+        self._cache_dispatches = Counter(
+            "cache_dispatches",
+            "Dispatches by cache-aware choice: to the worker of the request's session, to the idle worker "
+            "holding the longest prefix of its conversation, or none of them (least recently used)",
+            ("match",),
+            **metric,
+        )
         self._generation_tokens = Counter(
             "generation_tokens", "Tokens generated for clients (up to a cancel)", **metric
         )
@@ -163,7 +181,8 @@ class PoolMetrics:
         )
         self._duration = Histogram(
             "request_duration_seconds",
-            "End-to-end time of calls answered OK, from receipt to the last frame",
+            "End-to-end time of calls answered OK, from receipt to the last frame, by front",
+            ("front",),
             buckets=DURATION_BUCKETS_S,
             **metric,
         )
@@ -192,9 +211,18 @@ class PoolMetrics:
             ("device_id",),
             **metric,
         )
+        self._refusals = Counter(
+            "refused",
+            "Calls and worker connections refused for want of a valid key (common/security.py)",
+            ("reason",),
+            **metric,
+        )
         self._pool = _PoolCollector((self._inter_token,))
         self.registry.register(self._pool)
         self._http: WSGIServer | None = None
+        # Tokens relayed to clients since the start (cancelled generations included): the HTTP
+        # front's status page derives the pool's tokens/s from it.
+        self.tokens_relayed = 0
 
     # -- wiring ----------------------------------------------------------------------------------
 
@@ -225,7 +253,7 @@ class PoolMetrics:
         timings = job.timings
         timings.queued_at = time.monotonic()
         timings.first_token_at = None
-        timings.prompt_tokens = timings.completion_tokens = 0
+        timings.prompt_tokens = timings.completion_tokens = timings.cached_prompt_tokens = 0
         timings.finish_reason = worker_pb2.FINISH_NONE
 
     def on_dispatch(self, job: Job) -> None:
@@ -240,10 +268,12 @@ class PoolMetrics:
         """A chunk of a running job reached the router (called before it is handed to the client)."""
         timings = job.timings
         timings.prompt_tokens = chunk.prompt_tokens
+        timings.cached_prompt_tokens = chunk.cached_prompt_tokens
         timings.finish_reason = worker_pb2.FINISH_ERROR if chunk.error_kind else chunk.finish_reason
         tokens = chunk.completion_tokens
         if tokens <= timings.completion_tokens:
             return
+        self.tokens_relayed += tokens - timings.completion_tokens
         timings.completion_tokens = tokens
         now = time.monotonic()
         if timings.first_token_at is None:
@@ -256,13 +286,20 @@ class PoolMetrics:
     def on_call_end(self, call: Call, code: grpc.StatusCode) -> None:
         job = call.job
         finish = job.timings.finish_name if job is not None else _FINISH_NAMES[worker_pb2.FINISH_NONE]
-        self._requests.labels(call.method, code.name, finish).inc()
+        model = job.model or "" if job is not None else ""
+        self._requests.labels(call.front, call.method, code.name, finish, model).inc()
         if job is None:
             return
         self._prompt_tokens.inc(job.timings.prompt_tokens)
+        self._prompt_tokens_cached.inc(job.timings.cached_prompt_tokens)
+        self._prompt_tokens_computed.inc(job.timings.prompt_tokens - job.timings.cached_prompt_tokens)
         self._generation_tokens.inc(job.timings.completion_tokens)
         if code is grpc.StatusCode.OK:
-            self._duration.observe(call.ended_at - call.started_at)
+            self._duration.labels(call.front).observe(call.ended_at - call.started_at)
+
+    def on_cache_dispatch(self, match: str) -> None:
+        """A cache-aware dispatch: match is session, prefix or none (router/cache_policy.py)."""
+        self._cache_dispatches.labels(match).inc()
 
     # -- workers: the registry -------------------------------------------------------------------
 
@@ -273,6 +310,10 @@ class PoolMetrics:
 
     def on_worker_lost(self, worker: WorkerRecord) -> None:
         self._losses.labels(str(worker.device_id)).inc()
+
+    def on_refused(self, reason: str) -> None:
+        """A refusal by common/security.py; called from the authenticator's thread too (thread-safe)."""
+        self._refusals.labels(reason).inc()
 
     def on_liveness_check(self, worker: WorkerRecord, silence_s: float, interval_s: float) -> None:
         if silence_s > interval_s * MISSED_HEARTBEAT_AFTER_INTERVALS:
@@ -300,7 +341,10 @@ class _PoolCollector:
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         def read() -> _PoolView:
-            listed = [(worker.worker_id, worker.device_id, worker.state.value) for worker in workers()]
+            listed = [
+                (worker.worker_id, worker.device_id, worker.model_id, worker.state.value)
+                for worker in workers()
+            ]
             return _PoolView(snapshot(), listed, [histogram.read() for histogram in self._histograms])
 
         self._read, self._loop, self._loop_thread = read, loop, threading.get_ident()
@@ -316,9 +360,9 @@ class _PoolCollector:
         queue, running, states = self._families()
         queue.add_metric((), view.snapshot.queued)
         running.add_metric((), view.snapshot.running)
-        for worker_id, device_id, state in view.workers:
+        for worker_id, device_id, model, state in view.workers:
             for name in WORKER_STATES:
-                states.add_metric((worker_id, str(device_id), name), float(name == state))
+                states.add_metric((worker_id, str(device_id), model, name), float(name == state))
         yield from (queue, running, states)
         for histogram, reading in zip(self._histograms, view.histograms, strict=True):
             yield histogram.family(reading)
@@ -350,6 +394,6 @@ class _PoolCollector:
             GaugeMetricFamily(
                 f"{NAMESPACE}_worker_state",
                 "1 for the state each known worker is in (idle, busy or lost), 0 for the others",
-                labels=("worker_id", "device_id", "state"),
+                labels=("worker_id", "device_id", "model", "state"),
             ),
         )

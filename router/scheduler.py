@@ -1,9 +1,12 @@
 """Queueing and dispatch: which request runs on which worker, and what happens when things go wrong.
 
-- A bounded FIFO queue; a request arriving when it is full fails with RESOURCE_EXHAUSTED.
+- A FIFO queue per model, bounded together; a request arriving when they are full fails with
+  RESOURCE_EXHAUSTED.
 - Dispatch runs whenever a request arrives, a worker registers or a worker finishes: the head of
-  the queue goes to the least recently used idle worker, until one of the two runs out. So no
-  worker idles while a request waits, and a worker runs one request at a time.
+  each model's queue goes to the least recently used idle worker of that model, until one of the
+  two runs out. So no worker idles while a request for its model waits, and a worker runs one
+  request at a time. A request submitted without a model (model None: a router with no configured
+  models) goes to any worker.
 - A request that waits longer than queue_timeout_s, or than its gRPC deadline, fails with
   DEADLINE_EXCEEDED and never reaches a worker.
 - A chunk is relayed only if it belongs to the request its worker is running; anything else
@@ -68,7 +71,8 @@ class Scheduler:
         self._metrics = metrics
         self._queue_size = queue_size
         self._queue_timeout_s = queue_timeout_s
-        self._queue: OrderedDict[str, Job] = OrderedDict()
+        self._queues: dict[str | None, OrderedDict[str, Job]] = {}  # by model; only non-empty ones
+        self._queued = 0
         self._running: dict[bytes, Job] = {}  # by worker identity
         self._open: dict[str, Job] = {}
         self._all_closed = asyncio.Event()
@@ -78,7 +82,7 @@ class Scheduler:
     def snapshot(self) -> Snapshot:
         registry = self._registry
         return Snapshot(
-            queued=len(self._queue),
+            queued=self._queued,
             running=len(self._running),
             open_calls=len(self._open),
             workers_idle=registry.idle_count,
@@ -88,16 +92,29 @@ class Scheduler:
 
     # -- the client side -------------------------------------------------------------------------
 
-    def submit(self, generate: worker_pb2.Generate, grpc_time_left_s: float | None, request_id: str) -> Job:
-        """Accept a validated request (raises QueueFull) and dispatch it if a worker is idle.
+    def queued_by_model(self) -> dict[str | None, int]:
+        return {model: len(queue) for model, queue in self._queues.items()}
+
+    def running_on(self, worker: WorkerRecord) -> Job | None:
+        return self._running.get(worker.identity)
+
+    def submit(
+        self,
+        generate: worker_pb2.Generate,
+        grpc_time_left_s: float | None,
+        request_id: str,
+        model: str | None = None,
+    ) -> Job:
+        """Accept a validated request for `model` (raises QueueFull) and dispatch it if a worker of that
+        model is idle. The caller checked that the model is served.
 
         The job's request id is `request_id`, with a suffix if another open call has it already.
         """
-        if len(self._queue) >= self._queue_size:
+        if self._queued >= self._queue_size:
             raise QueueFull(
                 f"the queue is full ({self._queue_size} requests waiting for a worker): retry later"
             )
-        job = Job(self._unused_request_id(request_id), generate)
+        job = Job(self._unused_request_id(request_id), generate, model)
         generate.request_id = job.request_id
         self._open[job.request_id] = job
         self._all_closed.clear()
@@ -110,7 +127,7 @@ class Scheduler:
         self._open.pop(job.request_id, None)
         if not self._open:
             self._all_closed.set()
-        if self._queue.pop(job.request_id, None) is not None:
+        if self._unqueue(job):
             _cancel_timer(job)
             job.fail(grpc.StatusCode.CANCELLED, "the client went away")
         elif job.worker is not None and self._running.get(job.worker.identity) is job:
@@ -151,6 +168,7 @@ class Scheduler:
             return
         final = chunk.finish_reason != worker_pb2.FINISH_NONE or chunk.error_kind != worker_pb2.ERROR_NONE
         if final:
+            worker.tokens_served += chunk.completion_tokens
             self._finish_on(worker, job)
         if job.abandoned:
             return
@@ -170,10 +188,12 @@ class Scheduler:
         return request_id
 
     def _enqueue(self, job: Job, grpc_time_left_s: float | None, *, front: bool = False) -> None:
-        self._queue[job.request_id] = job
+        queue = self._queues.setdefault(job.model, OrderedDict())
+        queue[job.request_id] = job
+        self._queued += 1
         self._metrics.on_enqueue(job)
         if front:
-            self._queue.move_to_end(job.request_id, last=False)
+            queue.move_to_end(job.request_id, last=False)
         wait_s, reason = self._queue_timeout_s, f"the queue timeout ({self._queue_timeout_s:g} s)"
         if grpc_time_left_s is not None and grpc_time_left_s < wait_s:
             headroom_s = min(grpc_time_left_s * DEADLINE_HEADROOM, DEADLINE_HEADROOM_MAX_S)
@@ -182,29 +202,44 @@ class Scheduler:
 
     def _expire(self, job: Job, reason: str) -> None:
         job.timer = None
-        if self._queue.pop(job.request_id, None) is not None:
+        if self._unqueue(job):
             job.fail(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"no worker became free before {reason}: the request was not started",
             )
 
+    def _unqueue(self, job: Job) -> bool:
+        """Take a job out of its queue; False if it was not queued."""
+        queue = self._queues.get(job.model)
+        if queue is None or queue.pop(job.request_id, None) is None:
+            return False
+        self._queued -= 1
+        if not queue:
+            del self._queues[job.model]
+        return True
+
     def _dispatch(self) -> None:
-        queue, registry = self._queue, self._registry
-        while queue:
-            worker = registry.take_idle()
-            if worker is None:
-                return
-            _, job = queue.popitem(last=False)
-            _cancel_timer(job)
-            job.worker = worker
-            job.attempts += 1
-            self._metrics.on_dispatch(job)
-            self._running[worker.identity] = job
-            registry.send(worker, job.generate)
+        registry = self._registry
+        for model, queue in list(self._queues.items()):
+            while queue:
+                worker = registry.take_idle(model, next(iter(queue.values())).generate)
+                if worker is None:
+                    break
+                _, job = queue.popitem(last=False)
+                self._queued -= 1
+                _cancel_timer(job)
+                job.worker = worker
+                job.attempts += 1
+                self._metrics.on_dispatch(job)
+                self._running[worker.identity] = job
+                registry.send(worker, job.generate)
+            if not queue:
+                del self._queues[model]
 
     def _finish_on(self, worker: WorkerRecord, job: Job) -> None:
         """The worker ended its generation: free it for the next request."""
         del self._running[worker.identity]
+        worker.requests_served += 1
         _cancel_timer(job)
         self._registry.release(worker)
         self._dispatch()

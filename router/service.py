@@ -2,9 +2,11 @@
 
 What a client gets, case by case (StreamComplete and Complete alike unless said):
 
-- invalid request (the router's checks), or an unusable x-request-id metadata value:
+- invalid request (the router's checks), or an unusable x-request-id or x-session-id metadata value:
   INVALID_ARGUMENT, the message names the problem
 - router draining: UNAVAILABLE
+- a model (field `model` or metadata `x-model`) the pool does not serve: NOT_FOUND, listing the
+  served ones (router/models.py); a field and metadata that disagree: INVALID_ARGUMENT
 - queue full: RESOURCE_EXHAUSTED
 - no worker free before queue_timeout_s or the call's deadline: DEADLINE_EXCEEDED
 - the worker refuses the request (ERROR_INVALID_REQUEST): INVALID_ARGUMENT, the worker's message
@@ -44,9 +46,11 @@ from typing import NoReturn
 import grpc
 
 from protos import inference_pb2, inference_pb2_grpc, worker_pb2
+from router.cache_policy import session_id
 from router.calls import Call, observed_call
 from router.job import Job, JobFailed, Update
 from router.metrics import PoolMetrics
+from router.models import ConflictingModel, ServedModels, UnknownModel
 from router.scheduler import QueueFull, Scheduler
 from router.validation import RequestLimits, UnreadableRequest, ValidationError, validate
 
@@ -66,7 +70,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         limits: RequestLimits,
         is_draining: Callable[[], bool],
         metrics: PoolMetrics,
+        models: ServedModels,
     ) -> None:
+        self._models = models
         self._scheduler = scheduler
         self._limits = limits
         self._is_draining = is_draining
@@ -135,8 +141,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             generate = validate(request, self._limits)
         except ValidationError as error:
             await _refuse(context, call, grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        generate.session_id, session_problem = session_id(context.invocation_metadata() or ())
+        if session_problem:
+            await _refuse(context, call, grpc.StatusCode.INVALID_ARGUMENT, session_problem)
         try:
-            job = self._scheduler.submit(generate, context.time_remaining(), call.request_id)
+            field = request.model if request.HasField("model") else None
+            model = self._models.resolve(field, context.invocation_metadata())
+        except UnknownModel as error:
+            await _refuse(context, call, grpc.StatusCode.NOT_FOUND, str(error))
+        except ConflictingModel as error:
+            await _refuse(context, call, grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        try:
+            job = self._scheduler.submit(generate, context.time_remaining(), call.request_id, model)
         except QueueFull as error:
             await _refuse(context, call, grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
         call.admitted(job)

@@ -25,6 +25,8 @@ import zmq
 from google.protobuf.message import Message
 
 from common import wire
+from common.config import CurveConfig
+from common.security import CurveServer, RefusalCounter
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +43,18 @@ MessageHandler = Callable[[bytes, str, Message], None]
 
 
 class Transport:
-    def __init__(self, bind: str) -> None:
+    def __init__(
+        self, bind: str, curve: CurveConfig | None = None, count_refusal: RefusalCounter | None = None
+    ) -> None:
+        """`curve`: accept only workers whose CURVE key is in its allowlist (see common/security.py);
+        `count_refusal` is told of each peer refused."""
         self._context = zmq.Context()
+        self.curve = None
+        if curve is not None and curve.enabled:
+            self.curve = CurveServer(curve, self._context, count_refusal)
         self._socket = self._context.socket(zmq.ROUTER)
+        if self.curve is not None:
+            self.curve.secure(self._socket)
         self._socket.setsockopt(zmq.MAXMSGSIZE, wire.MAX_FRAME_BYTES)
         # A restarted worker that reuses its routing id takes the place of its dead predecessor.
         self._socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
@@ -52,6 +63,7 @@ class Transport:
             self._socket.bind(bind)
         except zmq.ZMQError as error:
             self._socket.close(linger=0)
+            self._stop_curve()
             self._context.term()
             raise OSError(f"cannot bind the worker socket to {bind}: {error}") from error
         self.endpoint: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -92,7 +104,12 @@ class Transport:
 
     def close(self) -> None:
         self._socket.close()
+        self._stop_curve()
         self._context.term()
+
+    def _stop_curve(self) -> None:
+        if self.curve is not None:
+            self.curve.stop()
 
     def _drain(self) -> None:
         """Receive and dispatch what is waiting, up to RECV_BATCH messages per event-loop turn."""

@@ -10,6 +10,7 @@ know nothing about the model.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
@@ -53,19 +54,42 @@ class RequestLimits:
 
 
 def validate(
-    request: inference_pb2.CompletionRequest | UnreadableRequest, limits: RequestLimits
+    request: inference_pb2.CompletionRequest | UnreadableRequest,
+    limits: RequestLimits,
+    names: Mapping[str, str] | None = None,
 ) -> worker_pb2.Generate:
-    """Return the Generate to send to a worker (request_id left empty) or raise ValidationError."""
+    """Return the Generate to send to a worker (request_id left empty) or raise ValidationError.
+
+    `names` renames parameters in the messages for a front whose clients call them otherwise
+    (the HTTP front's max_tokens is max_new_tokens here); the rules are the same."""
     if isinstance(request, UnreadableRequest):
         raise ValidationError(f"the request is not a valid CompletionRequest: {request.problem}")
-    _check_size(request, limits)
+    _check_size(request.ByteSize(), limits)
     _check_history(request.history)
-    _check_params(request, limits)
+    _check_params(request, limits, names or {})
     return _to_generate(request)
 
 
-def _check_size(request: inference_pb2.CompletionRequest, limits: RequestLimits) -> None:
-    size = request.ByteSize()
+def validate_raw_prompt(
+    prompt: str,
+    params: inference_pb2.CompletionRequest,
+    limits: RequestLimits,
+    names: Mapping[str, str] | None = None,
+) -> worker_pb2.Generate:
+    """The Generate for a raw prompt continued without a chat template; `params` carries the
+    generation parameters (its history is not used). Same rules as validate()."""
+    if not prompt:
+        raise ValidationError("prompt is empty")
+    _check_size(params.ByteSize() + len(prompt.encode()), limits)
+    _check_params(params, limits, names or {})
+    generate = _to_generate(params)
+    del generate.history[:]
+    generate.system_message = ""
+    generate.raw_prompt = prompt
+    return generate
+
+
+def _check_size(size: int, limits: RequestLimits) -> None:
     if size > limits.max_request_bytes:
         raise ValidationError(
             f"request too large: {size} bytes, the limit is {limits.max_request_bytes} bytes"
@@ -90,12 +114,12 @@ def _check_history(history: list[inference_pb2.ChatMessage]) -> None:
         )
 
 
-def _check_params(request: inference_pb2.CompletionRequest, limits: RequestLimits) -> None:
+def _check_params(
+    request: inference_pb2.CompletionRequest, limits: RequestLimits, names: Mapping[str, str]
+) -> None:
     # Written as "not (low <= x <= high)" so that NaN, which fails every comparison, is refused too.
-    if request.HasField("max_new_tokens") and not 1 <= request.max_new_tokens <= limits.max_new_tokens:
-        raise ValidationError(
-            f"max_new_tokens is {request.max_new_tokens}, it must be in 1..{limits.max_new_tokens}"
-        )
+    if request.HasField("max_new_tokens"):
+        check_max_new_tokens(request.max_new_tokens, limits, names.get("max_new_tokens", "max_new_tokens"))
     if request.HasField("temperature") and not 0.0 <= request.temperature <= TEMPERATURE_MAX:
         raise ValidationError(f"temperature is {request.temperature}, it must be in [0, {TEMPERATURE_MAX:g}]")
     if request.HasField("top_p") and not 0.0 < request.top_p <= 1.0:
@@ -110,6 +134,12 @@ def _check_params(request: inference_pb2.CompletionRequest, limits: RequestLimit
             f"it must be in (0, {REPETITION_PENALTY_MAX:g}]"
         )
     _check_stop(request.stop)
+
+
+def check_max_new_tokens(value: int, limits: RequestLimits, name: str = "max_new_tokens") -> None:
+    """Also for a front whose integers may not fit the proto's uint32 (it checks before building it)."""
+    if not 1 <= value <= limits.max_new_tokens:
+        raise ValidationError(f"{name} is {value}, it must be in 1..{limits.max_new_tokens}")
 
 
 def _check_stop(stop: list[str]) -> None:

@@ -16,7 +16,8 @@ its own slot (the emptiest one when it registers), so a large pool costs a few s
 instead of one burst per interval that would hold up every stream on the event loop.
 
 Idle workers are kept in least-recently-used order: the one idle the longest gets the next job,
-which spreads load and heat evenly over the devices.
+which spreads load and heat evenly over the devices, unless the cache policy (router/cache_policy.py,
+router.cache_aware) prefers the idle worker whose KV cache holds the request's conversation.
 """
 
 from __future__ import annotations
@@ -27,15 +28,20 @@ import itertools
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from google.protobuf.message import Message
 
 from common import wire
+from common.devices import DeviceGroupError, format_group, parse_group
 from protos import worker_pb2
 from router.metrics import PoolMetrics
 from router.transport import Transport
+
+if TYPE_CHECKING:
+    from router.cache_policy import CachePolicy
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +66,7 @@ class WorkerState(enum.Enum):
 class WorkerRecord:
     identity: bytes  # ZeroMQ routing id of the worker's DEALER socket
     worker_id: str
-    device_id: int
+    device_id: str  # the worker's device group, "0" or "0,1" (common/devices.py)
     model_id: str
     context_size: int
     pid: int
@@ -68,6 +74,17 @@ class WorkerRecord:
     last_seen: float  # time.monotonic() of its last message
     last_sent: float  # time.monotonic() of the router's last message to it
     slot: int = 0  # which tick of the heartbeat interval checks it
+    host: str = ""  # the worker's hostname, as its Hello says
+    registered_at: float = 0.0  # time.monotonic() of its registration
+    restarts: int = 0  # restarts of its supervisor slot before this process, as its first Hello says
+    requests_served: int = 0  # generations it finished (any outcome)
+    tokens_served: int = 0
+    retiring: bool = False  # told to leave: finishes its request, gets no new one, then says goodbye
+
+    @property
+    def device_key(self) -> str:
+        """The device as the admin API names it (a string: a device group is "0,1")."""
+        return str(self.device_id)
 
 
 class RegistryListener(Protocol):
@@ -82,9 +99,15 @@ class RegistryListener(Protocol):
 
 class WorkerRegistry:
     def __init__(
-        self, transport: Transport, heartbeat_interval_s: float, liveness: int, metrics: PoolMetrics
+        self,
+        transport: Transport,
+        heartbeat_interval_s: float,
+        liveness: int,
+        metrics: PoolMetrics,
+        cache_policy: CachePolicy | None = None,
     ) -> None:
         self._transport = transport
+        self._cache_policy = cache_policy
         self._metrics = metrics
         self._interval_s = heartbeat_interval_s
         self._liveness = liveness
@@ -92,6 +115,7 @@ class WorkerRegistry:
         self._by_identity: dict[bytes, WorkerRecord] = {}
         self._by_worker_id: dict[str, WorkerRecord] = {}
         self._idle: OrderedDict[bytes, WorkerRecord] = OrderedDict()  # least recently used first
+        self._cordoned: set[str] = set()  # device keys whose workers get no new work
         self._lost: OrderedDict[str, WorkerRecord] = OrderedDict()
         self._refused_at: OrderedDict[bytes, float] = OrderedDict()  # peer identity -> last Disconnect
         self._slots: list[dict[bytes, WorkerRecord]] = [{} for _ in range(HEARTBEAT_SLOTS)]
@@ -129,11 +153,23 @@ class WorkerRegistry:
 
     # -- state changes driven by the scheduler ---------------------------------------------------
 
-    def take_idle(self) -> WorkerRecord | None:
-        """The least recently used idle worker, now marked busy; None if every worker is busy."""
-        if not self._idle:
+    def take_idle(
+        self, model: str | None = None, generate: worker_pb2.Generate | None = None
+    ) -> WorkerRecord | None:
+        """The idle worker of `model` (None: of any model) for `generate`: the cache policy's choice,
+        else the least recently used one; now marked busy. None if there is none. Only dispatchable
+        workers are in the idle list (not cordoned, not retiring)."""
+        idle: Mapping[bytes, WorkerRecord] = self._idle
+        if model is not None:
+            idle = {identity: worker for identity, worker in idle.items() if worker.model_id == model}
+        if not idle:
             return None
-        _, worker = self._idle.popitem(last=False)
+        policy = self._cache_policy
+        preferred = None if policy is None or generate is None else policy.choose(generate, idle)
+        worker = preferred or next(iter(idle.values()))
+        del self._idle[worker.identity]
+        if policy is not None and generate is not None:
+            policy.dispatched(worker, generate)
         worker.state = WorkerState.BUSY
         return worker
 
@@ -141,7 +177,44 @@ class WorkerRegistry:
         """A busy worker finished its job: it becomes the most recently used idle worker."""
         if worker.state is WorkerState.BUSY:
             worker.state = WorkerState.IDLE
+            if self._dispatchable(worker):
+                self._idle[worker.identity] = worker
+
+    # -- operators' changes (router/operations.py) ------------------------------------------------
+
+    def is_cordoned(self, device: str) -> bool:
+        return device in self._cordoned
+
+    def cordon(self, device: str) -> None:
+        """No new work for the device's workers (present and future) from now on; running requests go on."""
+        self._cordoned.add(device)
+        for worker in list(self._idle.values()):
+            if worker.device_key == device:
+                del self._idle[worker.identity]
+
+    def uncordon(self, device: str) -> None:
+        self._cordoned.discard(device)
+        freed = [
+            worker
+            for worker in self._by_identity.values()
+            if worker.device_key == device and worker.state is WorkerState.IDLE and self._dispatchable(worker)
+        ]
+        for worker in freed:
             self._idle[worker.identity] = worker
+            self._require_listener().worker_ready(worker)
+
+    def retire(self, worker: WorkerRecord) -> None:
+        """Tell a worker to leave the pool: it gets no new work from now on, finishes the request it is
+        running, then says goodbye (a Disconnect) and exits, and its supervisor does not restart it."""
+        if worker.retiring or self._by_identity.get(worker.identity) is not worker:
+            return
+        worker.retiring = True
+        self._idle.pop(worker.identity, None)
+        log.info("worker %s (device %s): retiring", worker.worker_id, worker.device_key)
+        self.send(worker, worker_pb2.Retire(reason="its device was scaled down, drained or reloaded"))
+
+    def _dispatchable(self, worker: WorkerRecord) -> bool:
+        return not worker.retiring and worker.device_key not in self._cordoned
 
     def drop(self, worker: WorkerRecord, cause: str, *, tell_peer: bool = True) -> None:
         """Forget a registered worker as lost and let the scheduler recover its job.
@@ -151,11 +224,13 @@ class WorkerRegistry:
         """
         if self._by_identity.get(worker.identity) is not worker:
             return
-        log.warning("worker %s (device %d) lost: %s", worker.worker_id, worker.device_id, cause)
+        log.warning("worker %s (device %s) lost: %s", worker.worker_id, worker.device_id, cause)
         del self._by_identity[worker.identity]
         del self._by_worker_id[worker.worker_id]
         del self._slots[worker.slot][worker.identity]
         self._idle.pop(worker.identity, None)
+        if self._cache_policy is not None:
+            self._cache_policy.forget(worker.identity)
         worker.state = WorkerState.LOST
         self._remember_lost(worker)
         self._metrics.on_worker_lost(worker)
@@ -181,7 +256,10 @@ class WorkerRegistry:
             return
         worker.last_seen = time.monotonic()
         if kind == "chunk":
+            self._note_cache(worker, message)
             self._require_listener().chunk(worker, message)
+        elif kind == "disconnect" and worker.retiring:
+            self._leave(worker)
         elif kind == "disconnect":
             self.drop(worker, f"it disconnected: {message.reason or 'no reason given'}")
         elif kind != "heartbeat":
@@ -214,7 +292,7 @@ class WorkerRegistry:
         worker = WorkerRecord(
             identity=identity,
             worker_id=hello.worker_id,
-            device_id=hello.device_id,
+            device_id=hello.device_group or str(hello.device_id),
             model_id=hello.model_id,
             context_size=hello.context_size,
             pid=hello.pid,
@@ -222,15 +300,21 @@ class WorkerRegistry:
             last_seen=now,
             last_sent=now,
             slot=min(range(HEARTBEAT_SLOTS), key=lambda slot: len(self._slots[slot])),
+            host=hello.host,
+            registered_at=now,
+            restarts=hello.restarts,
         )
         self._forget_replaced(worker)
         self._by_identity[identity] = worker
         self._by_worker_id[worker.worker_id] = worker
         self._slots[worker.slot][identity] = worker
-        self._idle[identity] = worker
+        if self._dispatchable(worker):
+            self._idle[identity] = worker
+        if self._cache_policy is not None:
+            self._cache_policy.holds(identity, hello.held_prefix)
         self._transport.send(identity, self._welcome)
         log.info(
-            "worker %s registered: device %d, model %s, context %d, pid %d%s",
+            "worker %s registered: device %s, model %s, context %d, pid %d%s",
             worker.worker_id,
             worker.device_id,
             worker.model_id,
@@ -241,6 +325,22 @@ class WorkerRegistry:
         self._metrics.on_worker_registered(worker, restarted)
         self.changed.set()
         self._require_listener().worker_ready(worker)
+
+    def _leave(self, worker: WorkerRecord) -> None:
+        """A retiring worker said goodbye: forget it (it is gone by design, not lost)."""
+        log.info("worker %s (device %s) retired: it left the pool", worker.worker_id, worker.device_key)
+        del self._by_identity[worker.identity]
+        del self._by_worker_id[worker.worker_id]
+        del self._slots[worker.slot][worker.identity]
+        self._idle.pop(worker.identity, None)
+        self.changed.set()
+        self._require_listener().worker_lost(worker, "it retired")
+
+    def _note_cache(self, worker: WorkerRecord, chunk: worker_pb2.Chunk) -> None:
+        """A final chunk says what the worker's KV cache holds now."""
+        final = chunk.finish_reason != worker_pb2.FINISH_NONE or chunk.error_kind != worker_pb2.ERROR_NONE
+        if final and self._cache_policy is not None:
+            self._cache_policy.holds(worker.identity, chunk.held_prefix)
 
     def _refuse_unregistered(self, identity: bytes, kind: str) -> None:
         if kind == "disconnect":
@@ -323,4 +423,10 @@ def _refusal(hello: worker_pb2.Hello) -> str:
         )
     if not hello.worker_id:
         return "hello without a worker_id"
+    if hello.device_group:
+        try:
+            if format_group(parse_group(hello.device_group)) != hello.device_group:
+                return f"device_group {hello.device_group!r} is not written as sorted ids such as '0,1'"
+        except DeviceGroupError as error:
+            return f"device_group: {error}"
     return ""

@@ -2,6 +2,7 @@
 
     python scripts/chat.py "你好"
     python scripts/chat.py "What is 2+2?" --addr 127.0.0.1:18000 --temperature 0 --max-new-tokens 64
+    BM_POOL_API_KEY=... python scripts/chat.py "你好" --addr pool.example:18000 --ca ca.crt
 
 The answer goes to stdout as it is generated; a summary (tokens, finish reason, worker) to stderr.
 Exit status: 0 when the answer finished normally, 1 when it ended with finish_reason ERROR, the gRPC
@@ -12,6 +13,7 @@ status code (e.g. 3 INVALID_ARGUMENT, 8 RESOURCE_EXHAUSTED, 14 UNAVAILABLE) when
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -23,13 +25,16 @@ from protos import inference_pb2 as api
 from protos import inference_pb2_grpc
 
 USER = 1
+API_KEY_VARIABLE = "BM_POOL_API_KEY"  # the key is read from the environment: not in ps or shell history
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    with grpc.insecure_channel(args.addr) as channel:
+    with _channel(args) as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
-        call = stub.StreamComplete(_request(args), timeout=args.timeout)
+        key = os.environ.get(API_KEY_VARIABLE)
+        metadata = (("authorization", f"Bearer {key}"),) if key else ()
+        call = stub.StreamComplete(_request(args), timeout=args.timeout, metadata=metadata)
         try:
             return _print_stream(call)
         except grpc.RpcError as error:
@@ -39,6 +44,14 @@ def main(argv: list[str] | None = None) -> int:
             call.cancel()
             print("\ncancelled", file=sys.stderr)
             return 130
+
+
+def _channel(args: argparse.Namespace) -> grpc.Channel:
+    """Plain text, or TLS when --tls or --ca is given (--cert/--key: a client certificate for mTLS)."""
+    if not (args.tls or args.ca):
+        return grpc.insecure_channel(args.addr)
+    ca, cert, key = (Path(path).read_bytes() if path else None for path in (args.ca, args.cert, args.key))
+    return grpc.secure_channel(args.addr, grpc.ssl_channel_credentials(ca, key, cert))
 
 
 def _request(args: argparse.Namespace) -> api.CompletionRequest:
@@ -84,6 +97,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=_count)
     parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     parser.add_argument("--timeout", type=float, default=300.0, help="deadline of the call in seconds")
+    parser.add_argument("--tls", action="store_true", help="TLS, trusting the system's CAs")
+    parser.add_argument("--ca", help="TLS, trusting this PEM CA")
+    parser.add_argument("--cert", help="a PEM client certificate (mutual TLS), with --key")
+    parser.add_argument("--key", help="its PEM private key")
     return parser.parse_args(argv)
 
 

@@ -8,7 +8,9 @@ It starts its own pool (`python -m supervisor`: router + paced workers that echo
 free loopback ports), so every answer can be checked against its request. Traffic: streams with
 random lengths; some cancelled by their client mid-way; some carrying a marker that makes the
 engine fail (an engine error) or hang (the worker's step watchdog restarts it). Faults: at random
-intervals a worker gets SIGKILL, or SIGSTOP then SIGCONT a moment later.
+intervals a worker gets SIGKILL, or SIGSTOP then SIGCONT a moment later. With --operate-every S, an
+operator also reshapes the pool through the admin API at random intervals: scales a device up or
+down, cordons, uncordons or drains it (device 0 keeps at least one worker, so someone serves).
 
 Printed at the end: requests sent, completed, cancelled by their client, failed by status, lost
 (no complete stream and no explicit status: a hang, a stream cut without a status, or text that
@@ -44,8 +46,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a file: make `protos` importable
 
+from protos import admin_pb2, admin_pb2_grpc, inference_pb2_grpc  # noqa: E402
 from protos import inference_pb2 as api  # noqa: E402
-from protos import inference_pb2_grpc  # noqa: E402
 
 FAIL_MARKER = "FAIL"
 HANG_MARKER = "HANG"
@@ -68,6 +70,7 @@ class Settings:
     hang_rate: float
     seed: int
     keep_logs: Path | None
+    operation_interval_s: float | None  # None: no operator
 
 
 # ---- the pool
@@ -91,6 +94,7 @@ def pool_config(settings: Settings) -> dict:
             "liveness": 5,
             "drain_timeout_s": 5.0,
         },
+        "admin": {"listen": f"127.0.0.1:{free_port()}"},
         "model": {
             "name": "paced-soak",
             "engine": "paced",
@@ -115,6 +119,7 @@ def pool_config(settings: Settings) -> dict:
             "reconnect_backoff_max_s": 0.5,
             "step_timeout_s": 2.0,
         },
+        "http": {"listen": f"127.0.0.1:{free_port()}"},  # not the default port: a pool may run beside it
     }
 
 
@@ -123,6 +128,7 @@ class Pool:
 
     def __init__(self, directory: Path, config: dict) -> None:
         self.address = config["router"]["listen"]
+        self.admin_address = config["admin"]["listen"]
         self.log_path = directory / "supervisor.log"
         config_path = directory / "pool.yaml"
         config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
@@ -314,6 +320,39 @@ def fault_loop(
                 victim.send_signal(signal.SIGCONT)
 
 
+# ---- an operator
+
+
+def operator_loop(
+    pool: Pool, settings: Settings, rng: random.Random, tally: Tally, stop: threading.Event
+) -> None:
+    """Scale, cordon, uncordon and drain devices at random through the admin API; every answer must be
+    a success (an operation that fails is counted, by kind and status, with the faults)."""
+    assert settings.operation_interval_s is not None
+    with grpc.insecure_channel(pool.admin_address) as channel:
+        admin = admin_pb2_grpc.PoolAdminStub(channel)
+        while not stop.wait(rng.uniform(0.5, 1.5) * settings.operation_interval_s):
+            device = str(rng.randrange(settings.workers))
+            operation = (
+                "scale" if device == "0" else rng.choice(("scale", "scale", "cordon", "uncordon", "drain"))
+            )
+            try:
+                if operation == "scale":
+                    workers = rng.randint(1 if device == "0" else 0, 3)
+                    admin.Scale(admin_pb2.ScaleRequest(device_id=device, workers=workers), timeout=60)
+                elif operation == "drain":
+                    for _ in admin.Drain(admin_pb2.DeviceRequest(device_id=device), timeout=60):
+                        pass
+                else:
+                    call = admin.Cordon if operation == "cordon" else admin.Uncordon
+                    call(admin_pb2.DeviceRequest(device_id=device), timeout=60)
+                outcome = f"admin {operation}"
+            except grpc.RpcError as error:
+                outcome = f"admin {operation} FAILED {error.code().name}: {error.details()}"
+            with tally.lock:
+                tally.faults[outcome] += 1
+
+
 # ---- the run
 
 
@@ -351,14 +390,20 @@ def run_traffic(pool: Pool, settings: Settings) -> int:
         )
         for _ in range(settings.clients)
     ]
-    faults = threading.Thread(target=fault_loop, args=(pool, settings, rng, tally, stop_faults))
+    faults = [threading.Thread(target=fault_loop, args=(pool, settings, rng, tally, stop_faults))]
+    if settings.operation_interval_s is not None:
+        operator_rng = random.Random(rng.getrandbits(32))
+        faults.append(
+            threading.Thread(target=operator_loop, args=(pool, settings, operator_rng, tally, stop_faults))
+        )
     started = time.monotonic()
-    for thread in [*clients, faults]:
+    for thread in [*clients, *faults]:
         thread.start()
     while time.monotonic() - started < settings.duration_s and any(c.is_alive() for c in clients):
         time.sleep(0.5)
     stop_faults.set()
-    faults.join()
+    for thread in faults:
+        thread.join()
     stop_clients.set()
     for client in clients:  # each finishes its call in flight: the call's deadline bounds the wait
         client.join(CALL_TIMEOUT_S + 10)
@@ -413,6 +458,9 @@ def parse_args(argv: list[str] | None) -> Settings:
     )
     parser.add_argument("--seed", type=int, default=1, help="random seed (traffic and faults)")
     parser.add_argument(
+        "--operate-every", type=float, help="mean seconds between admin operations (default: none)"
+    )
+    parser.add_argument(
         "--keep-logs", type=Path, help="write the pool's config and log here (default: a temp dir)"
     )
     args = parser.parse_args(argv)
@@ -420,6 +468,8 @@ def parse_args(argv: list[str] | None) -> Settings:
         parser.error(f"--duration must be in (0, {MAX_DURATION_S:g}] seconds")
     if not 0 < args.max_requests <= MAX_REQUESTS:
         parser.error(f"--max-requests must be in 1..{MAX_REQUESTS}")
+    if args.operate_every is not None and args.operate_every <= 0:
+        parser.error("--operate-every must be > 0")
     if args.workers < 1 or args.clients < 1 or args.fault_every <= 0:
         parser.error("--workers and --clients must be >= 1, --fault-every > 0")
     for name in ("cancel_rate", "fail_rate", "hang_rate"):
@@ -436,6 +486,7 @@ def parse_args(argv: list[str] | None) -> Settings:
         hang_rate=args.hang_rate,
         seed=args.seed,
         keep_logs=args.keep_logs,
+        operation_interval_s=args.operate_every,
     )
 
 

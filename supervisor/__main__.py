@@ -3,7 +3,8 @@
 Starts the pool on this host: the router (`python -m router`) and one worker per configured
 (device, index), each pinned to its DEV_ID; restarts any that die, with backoff; SIGINT/SIGTERM
 stops the router first (it drains), then the workers. With --router, runs workers only, joined
-to a router on another host.
+to a router on another host. Either way it registers with the router as the host agent of its
+devices (the admin API scales them); SIGHUP re-reads the config and applies the difference live.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 from common.config import ConfigError, load_config
+from common.security import SecurityError, check_worker_link
 from supervisor.supervisor import Supervisor, cpu_budget_problem
 
 
@@ -31,6 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as error:
+        print(f"supervisor: config {args.config}: {error}", file=sys.stderr)
+        return 2
+    try:  # refused here once, not by every worker in a restart loop
+        check_worker_link(args.router or config.router.zmq_bind, config.security)
+    except SecurityError as error:
         print(f"supervisor: config {args.config}: {error}", file=sys.stderr)
         return 2
     problem = cpu_budget_problem(config, cores=len(os.sched_getaffinity(0)))

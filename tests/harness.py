@@ -67,6 +67,10 @@ class ConfigFile:
     zmq_endpoint: str  # where workers connect
     raw: dict[str, Any]
 
+    @property
+    def admin_address(self) -> str:
+        return self.raw["admin"]["listen"]
+
 
 def fast_test_settings(grpc_port: int, zmq_port: int) -> dict[str, Any]:
     """A paced pool with quick heartbeats and backoffs, sized for loopback tests."""
@@ -79,6 +83,7 @@ def fast_test_settings(grpc_port: int, zmq_port: int) -> dict[str, Any]:
             "drain_timeout_s": 5.0,
             "queue_timeout_s": 20.0,
         },
+        "admin": {"listen": f"127.0.0.1:{free_port()}"},
         "model": {
             "name": "paced-test",
             "engine": "paced",
@@ -95,6 +100,7 @@ def fast_test_settings(grpc_port: int, zmq_port: int) -> dict[str, Any]:
             "reconnect_backoff_s": 0.05,
             "reconnect_backoff_max_s": 0.5,
         },
+        "http": {"listen": f"127.0.0.1:{free_port()}"},  # never the default port 8000: tests run side by side
     }
 
 

@@ -45,6 +45,12 @@ class ProbeGraphs:
         self._record("block", layer, position_ids, mask)
         return self.inner.block(layer, hidden, position_ids, mask)
 
+    def block_with_history(
+        self, layer: int, hidden: np.ndarray, position_ids: np.ndarray, mask: np.ndarray, start: int
+    ) -> np.ndarray:
+        self._record("block_with_history", layer, position_ids, mask, start)
+        return self.inner.block_with_history(layer, hidden, position_ids, mask, start)
+
     def embedding_cache(self, token_id: int) -> np.ndarray:
         self._record("embedding_cache", token_id)
         return self.inner.embedding_cache(token_id)

@@ -163,11 +163,21 @@ def request(prompt: str = "你好", **params: Any) -> inference_pb2.CompletionRe
 class EmulatedWorker:
     """A worker process stand-in: a DEALER socket driven step by step by the test."""
 
-    def __init__(self, endpoint: str, worker_id: str, *, routing_id: bytes | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        worker_id: str,
+        *,
+        routing_id: bytes | None = None,
+        secure: Callable[[zmq.Socket], None] | None = None,
+    ) -> None:
+        """`secure`: applied to the socket before it connects (e.g. CurveClient.secure)."""
         self.worker_id = worker_id
         self._context = zmq.asyncio.Context.instance()
         self.socket = self._context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        if secure is not None:
+            secure(self.socket)
         if routing_id is not None:
             self.socket.setsockopt(zmq.ROUTING_ID, routing_id)
         self.socket.connect(endpoint)

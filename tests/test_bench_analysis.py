@@ -9,6 +9,7 @@ import pytest
 
 from bench import targets
 from bench.engine import read_report
+from bench.http_vs_grpc import CHIP_PACE, lateness_ms
 from bench.profile import summarize_collapsed
 from bench.router_overhead import _window_frames, idle_gaps
 from bench.stats import RequestRecord
@@ -114,3 +115,9 @@ def test_verdicts_compare_with_the_issue_targets():
     assert verdicts["router RSS with 1,000 queued"].met is True
     assert verdicts["pool efficiency @128 workers"].met is None  # not measured
     assert "MISSED" in targets.format_table(list(verdicts.values()))
+
+
+def test_http_vs_grpc_lateness_is_measured_against_the_paced_schedule() -> None:
+    sent = 1_000_000_000
+    due_third_token_ns = sent + int((CHIP_PACE.first_token_delay_s + 2 / CHIP_PACE.tokens_per_second) * 1e9)
+    assert lateness_ms(sent, [(due_third_token_ns + 3_000_000, 3)]) == [pytest.approx(3.0, abs=1e-3)]

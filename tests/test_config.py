@@ -89,7 +89,10 @@ workers: {devices: [2, 3], per_device: 2}
     [
         ("model: {engine: gpu}", "model.engine: must be one of numpy, sail, paced, got 'gpu'"),
         ("router: {listenn: x}", "router.listenn: unknown key (expected one of: listen,"),
-        ("modle: {}", "modle: unknown key (expected one of: router, model, workers)"),
+        (
+            "modle: {}",
+            "modle: unknown key (expected one of: router, model, workers, http, security, admin, models)",
+        ),
         ("model: {defaults: {top_p: 1.5}}", "model.defaults.top_p: must be in (0, 1], got 1.5"),
         (
             "model: {defaults: {temperature: -1}}",
@@ -114,8 +117,12 @@ workers: {devices: [2, 3], per_device: 2}
         ("router: {metrics_listen: 9400}", "router.metrics_listen: must be a string, got 9400"),
         ("router: {event_loop: trio}", "router.event_loop: must be one of uvloop, asyncio, got 'trio'"),
         ("workers: {devices: []}", "workers.devices: must list at least one device id, got []"),
-        ("workers: {devices: 0}", "workers.devices: must be a list of int, got 0"),
-        ("workers: {devices: [0, x]}", "workers.devices[1]: must be an integer, got 'x'"),
+        ("workers: {devices: 0}", "workers.devices: must be a list of int or str, got 0"),
+        (
+            "workers: {devices: [0, x]}",
+            "workers.devices: a device group is a device id or comma-separated ids such as 0,1, got 'x' "
+            "(in [0, 'x'])",
+        ),
         ("workers: {devices: [1, 1]}", "workers.devices: must not repeat an id, got [1, 1]"),
         ("workers: {devices: [-1]}", "workers.devices: must be ids >= 0, got [-1]"),
         ("workers: {per_device: 0}", "workers.per_device: must be >= 1, got 0"),
@@ -164,7 +171,7 @@ def test_environment_overrides_default_to_os_environ(tmp_path, monkeypatch):
     assert load_config(write(tmp_path, "")).workers.devices == (4,)
 
 
-@pytest.mark.parametrize("value", ["gpu0", "1,,2", "-1", "1;2"])
+@pytest.mark.parametrize("value", ["gpu0", "1,,2", "-1", "1:2"])
 def test_bad_dev_id_fails_naming_the_variable(tmp_path, value):
     assert error_of(tmp_path, "", {"DEV_ID": value}).startswith(
         "DEV_ID: must be a device id or a comma-separated"

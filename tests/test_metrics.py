@@ -289,12 +289,13 @@ async def test_each_call_ends_with_one_log_line_carrying_its_request_id_and_timi
         await eventually(lambda: len(call_lines(caplog)) == 2, "two completion lines")
     served, rejected = call_lines(caplog)
     assert re.fullmatch(
-        r"request trace-42: StreamComplete OK, finish stop, worker w1; queue \d+\.\d{3} s, "
-        r"first token \d+\.\d{3} s, total \d+\.\d{3} s; prompt 7 tokens, 2 tokens",
+        r"request trace-42: grpc StreamComplete OK, finish stop, worker w1; queue \d+\.\d{3} s, "
+        r"first token \d+\.\d{3} s, total \d+\.\d{3} s; prompt 7 tokens, 2 tokens; "
+        r"0 prompt tokens from the KV cache",
         served,
     ), served
     assert re.fullmatch(
-        r"request trace-43: Complete INVALID_ARGUMENT, not admitted; total \d+\.\d{3} s", rejected
+        r"request trace-43: grpc Complete INVALID_ARGUMENT, not admitted; total \d+\.\d{3} s", rejected
     )
 
 
@@ -315,7 +316,7 @@ def test_the_pool_serves_metrics_and_logs_the_request_id_in_router_and_worker(tm
         assert frames[-1].finished
         worker_id = frames[-1].worker_id
         router_line = pool.supervisor.wait_for_log(
-            r"router\.calls: request e2e-req-1: StreamComplete OK[^\n]*"
+            r"router\.calls: request e2e-req-1: grpc StreamComplete OK[^\n]*"
         )
         assert f"worker {worker_id};" in router_line.group(0)
         pool.supervisor.wait_for_log(rf"worker {re.escape(worker_id)}: request e2e-req-1: started")

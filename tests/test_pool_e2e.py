@@ -391,6 +391,8 @@ def default_model_config(directory: Path) -> ConfigFile:
     raw = yaml.safe_load((REPO / "configs" / "default.yaml").read_text(encoding="utf-8"))
     grpc_port, zmq_port = free_port(), free_port()
     raw["router"].update(listen=f"127.0.0.1:{grpc_port}", zmq_bind=f"tcp://127.0.0.1:{zmq_port}")
+    raw["http"]["listen"] = f"127.0.0.1:{free_port()}"  # not the shipped 8000: another pool may hold it
+    raw["admin"] = {"listen": f"127.0.0.1:{free_port()}"}
     raw["workers"]["allow_cpu_oversubscription"] = True
     path = directory / "default.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")

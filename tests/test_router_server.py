@@ -127,7 +127,8 @@ async def _router_process_drains_on_sigterm(config: Path, event_loop: str) -> No
     grpc_port, zmq_port = free_port(), free_port()
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "router", "--config", str(config), "--listen", f"127.0.0.1:{grpc_port}",
-        "--zmq-bind", f"tcp://127.0.0.1:{zmq_port}", cwd=REPO, stderr=subprocess.PIPE,
+        "--zmq-bind", f"tcp://127.0.0.1:{zmq_port}", "--admin-listen", f"127.0.0.1:{free_port()}",
+        cwd=REPO, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}")

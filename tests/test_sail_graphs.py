@@ -12,9 +12,6 @@ from __future__ import annotations
 import ast
 import importlib.util
 import inspect
-import os
-import re
-import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -31,7 +28,7 @@ from worker.core.graphs import MASK_VALUE, HeadKind, ModelGraphs
 from worker.core.llm_engine import LLMEngine
 from worker.core.numpy_graphs import NumpyGraphs
 from worker.core.request import USER, ChatRequest, EngineError, RequestError, SamplingParams, Turn
-from worker.core.sail_graphs import SAIL_MISSING, SailGraphs, SailNotInstalledError
+from worker.core.sail_graphs import SAIL_MISSING, SailGraphs, SailLoadError, SailNotInstalledError
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_SAIL = REPO / "tests" / "fake_sail"
@@ -43,21 +40,27 @@ PROMPT = [151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198, 1516
 NEW_TOKENS = 24
 GREEDY_DEFAULTS = GenerationDefaults(max_new_tokens=NEW_TOKENS, temperature=0.0, repetition_penalty=1.0)
 # Largest logit difference to the float32 numpy backend that rounding the graphs' IO allows
-# (logits here are about +-5; measured 0.0024 for F16 and 0.016 for BF16).
-LOGIT_TOLERANCE = {"float16": 0.01, "bfloat16": 0.05}
+# (logits here are about +-5; measured 0.011 for F16 blocks beside the BF16 embedding that
+# gen_bmodel.sh compiles, and 0.016 for BF16).
+LOGIT_TOLERANCE = {"float16": 0.025, "bfloat16": 0.05}
 
 # The published signatures (sophgo/sophon-sail pyis/_basic.pyi, pyis/_engine_llm.pyi) of everything
-# the adapter may call; several entries are pybind11 overloads.
+# the adapter may call; several entries are pybind11 overloads. Where the stub and the binding
+# (src/bind.cpp) disagree, the binding wins: Tensor's dtype has no default there.
 PUBLISHED_STUBS = {
     "Handle.__init__": ["(self, dev_id: int)"],
     "Tensor.__init__": [
-        "(self, handle: Handle, shape: list[int], dtype: Dtype = Dtype.BM_FLOAT32,"
+        "(self, handle: Handle, shape: list[int], dtype: Dtype,"
         " own_sys_data: bool = False, own_dev_data: bool = False)",
         "(self, handle: Handle, data: numpy.ndarray, own_sys_data: bool = True, own_dev_data: bool = True)",
         "(self, other: Tensor, ranges: list[tuple[int, int]], d2d_flag=True)",
         "(self, src: Tensor, shape: list[int], offset: int, no_copy: bool = True)",
     ],
     "Tensor.shape": ["(self) -> list[int]"],
+    "Tensor.dtype": ["(self) -> Dtype"],
+    "Tensor.zeros": ["(self) -> None"],
+    "Tensor.sync_s2d": ["(self) -> None"],
+    "Tensor.sync_d2s": ["(self) -> None"],
     "Tensor.update_data": ["(self, data: numpy.ndarray) -> None"],
     "Tensor.asnumpy": ["(self, shape: list[int] = None) -> numpy.ndarray"],
     "EngineLLM.__init__": [
@@ -68,6 +71,8 @@ PUBLISHED_STUBS = {
     "EngineLLM.get_addr_mode": ["(self, graph_name: str) -> int"],
     "EngineLLM.get_is_dynamic": ["(self, graph_name: str) -> bool"],
     "EngineLLM.get_input_num": ["(self, graph_name: str) -> int"],
+    "EngineLLM.get_output_num": ["(self, graph_name: str) -> int"],
+    "EngineLLM.get_device_ids": ["(self) -> list[int]"],
     "EngineLLM.get_input_shape": ["(self, graph_name: str, index: int, stage: int = 0) -> list[int]"],
     "EngineLLM.get_output_shape": ["(self, graph_name: str, index: int, stage: int = 0) -> list[int]"],
     "EngineLLM.get_input_dtype": ["(self, graph_name: str, index: int) -> Dtype"],
@@ -76,9 +81,13 @@ PUBLISHED_STUBS = {
         "(self, graph_name: str, tensor_name: str, stage: int = 0) -> dict[int, Tensor]",
         "(self, graph_name: str, stage: int = 0) -> dict[int, Tensor]",
     ],
+    "EngineLLM.get_output_tensors": [
+        "(self, graph_name: str, tensor_name: str, stage: int = 0) -> dict[int, Tensor]",
+        "(self, graph_name: str, stage: int = 0) -> dict[int, Tensor]",
+    ],
     "EngineLLM.process": [
         "(self, graph_name: str, input: dict[int, Tensor], output: dict[int, Tensor],"
-        " core_list: list[int] = [0]) -> int"
+        " core_list: list[int] = [0]) -> None"
     ],
 }
 PUBLISHED_DTYPES = {
@@ -251,7 +260,7 @@ def test_sampling_is_refused_when_greedy_is_compiled_in(chat_engines):
 
 def test_static_prefill_must_span_seq_len(write_bmodel):
     graphs = SailGraphs(write_bmodel(dynamic=False))
-    with pytest.raises(ValueError, match="static: prefill runs at seq_len 64"):
+    with pytest.raises(ValueError, match="static: prefill runs at 64 positions"):
         graphs.embedding(np.array([PROMPT], dtype=np.int32))
 
 
@@ -268,11 +277,12 @@ def test_a_failing_graph_is_an_engine_error(write_bmodel, sail, monkeypatch):
     graphs = SailGraphs(write_bmodel(dynamic=True))
 
     def fail(self, graph_name, *args):
-        raise sail.SailError("Engine related error!")
+        raise sail.SailEngineError("Engine related error!")
 
     monkeypatch.setattr(sail.EngineLLM, "process", fail)
     with pytest.raises(
-        EngineError, match=r"tiny\.bmodel on device 0: graph embedding failed: Engine related error"
+        EngineError,
+        match=r"tiny\.bmodel on device 0: graph embedding failed: SailEngineError: Engine related error",
     ):
         graphs.embedding(np.array([PROMPT], dtype=np.int32))
 
@@ -313,13 +323,14 @@ def test_a_failed_generation_leaves_zeroed_kv_buffers_and_a_fresh_next_answer(
         if self is device and graph_name.startswith("block_cache_"):
             decode_steps.append(graph_name)
             if len(decode_steps) == 9:  # layer 0 of the 5th step (2 layers)
-                raise sail.SailError("injected device fault")
+                raise sail.SailEngineError("injected device fault")
         return process(self, graph_name, *args)
 
     monkeypatch.setattr(sail.EngineLLM, "process", fail_in_the_fifth_decode_step)
     request = ChatRequest("You are a helpful assistant.", (Turn(USER, "你好，请介绍一下你自己"),), GREEDY)
     streamed = []
-    with pytest.raises(EngineError, match="graph block_cache_0 failed: injected device fault"):
+    failure = "graph block_cache_0 failed: SailEngineError: injected device fault"
+    with pytest.raises(EngineError, match=failure):
         for chunk in engine.generate(request, threading.Event()):
             streamed.append(chunk)
 
@@ -343,7 +354,7 @@ def test_a_host_input_a_failure_left_half_written_is_written_again(
     def half_copied(self, data):
         if data.shape == (1, 1, SEQ_LEN, SEQ_LEN):
             copy(self, np.zeros_like(data))  # what a transfer cut short might leave: nothing masked
-            raise sail.SailError("injected fault while copying to the device")
+            raise sail.SailTensorError("injected fault while copying to the device")
         copy(self, data)
 
     monkeypatch.setattr(sail.Tensor, "update_data", half_copied)
@@ -477,15 +488,15 @@ def test_views_write_into_their_source_at_element_offsets(sail):
     flat = parent.asnumpy().reshape(-1)
     assert flat[5:9].tolist() == [1, 7, 8, 4]
     assert np.count_nonzero(flat) == 4
-    with pytest.raises(sail.SailError, match="size out of range"):
+    with pytest.raises(sail.SailTensorError, match="size out of range"):
         sail.Tensor(parent, [1, 4], 21)
 
 
 def test_16_bit_tensors_take_raw_bits_of_the_exact_shape(sail):
     mask = sail.Tensor(sail.Handle(0), [1, 4], sail.Dtype.BM_FLOAT16, False, True)
-    with pytest.raises(TypeError, match="view"):
+    with pytest.raises(sail.SailTensorError, match="view"):
         mask.update_data(np.zeros((1, 4), dtype=np.float16))
-    with pytest.raises(sail.SailError, match="shape"):
+    with pytest.raises(sail.SailTensorError, match="shape"):
         mask.update_data(np.zeros(4, dtype=np.uint16))
     values = np.array([[0, -10000, 1.5, -2]], dtype=np.float16)
     mask.update_data(values.view(np.uint16))
@@ -500,51 +511,5 @@ def test_graph_memory_follows_the_addr_mode(sail, write_bmodel):
 
 
 def test_a_device_the_machine_lacks_is_refused(sail, write_bmodel):
-    with pytest.raises(sail.SailError, match="Invalid tpu id: 1"):
-        SailGraphs(write_bmodel(), dev_id=1)
-
-
-# --- scripts/chip_check.py ---------------------------------------------------------------------------
-
-
-def run_chip_check(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(REPO / "scripts" / "chip_check.py"), *args]
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-
-
-def test_chip_check_without_sophon_sail_exits_2():
-    if importlib.util.find_spec("sophon") is not None:
-        pytest.skip("sophon-sail is installed here")
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    result = run_chip_check("--config", str(REPO / "configs" / "bm1684x.yaml"), env=env)
-    assert result.returncode == 2, result.stderr
-    assert "sophon-sail is not installed" in result.stderr
-    assert result.stdout == ""
-
-
-def test_chip_check_prints_each_device_beside_the_published_figures(tiny_chat_model, tmp_path, sail):
-    from sophon._bmodel import write_bmodel as write_standin_bmodel
-
-    name = "qwen-7b_int4_seq512_1dev.bmodel"  # the published figures' model, as a stand-in of the tiny one
-    bmodel = write_standin_bmodel(tmp_path / name, tiny_chat_model, seq_len=512, lm_head="token_id")
-    config = tmp_path / "chip.yaml"
-    config.write_text(
-        "model:\n  name: tiny\n  engine: sail\n"
-        f"  path: {bmodel}\n  tokenizer: {tiny_chat_model}\n"
-        "workers:\n  devices: [0, 1]\n"
-    )
-    env = {**os.environ, "PYTHONPATH": str(FAKE_SAIL), sail.TPU_NUM_ENV: "2"}
-
-    result = run_chip_check("--config", str(config), "--max-new-tokens", "8", env=env)
-
-    assert result.returncode == 0, result.stderr
-    number = r"\d+\.\d+"
-    for device in (0, 1):
-        assert re.search(rf"^\s+{device}\s+{number}\s+{number}\s+{number}\s+8\s+length$", result.stdout, re.M)
-    assert re.search(r"^\s+sophon-demo\s+0\.68–0\.74\s+9\.4–9\.8", result.stdout, re.M), result.stdout
-
-    failing = run_chip_check(
-        "--config", str(config), "--dev-id", "0", "--dev-id", "5", "--max-new-tokens", "2", env=env
-    )
-    assert failing.returncode == 1
-    assert re.search(r"^\s+5\s+FAILED: .*Invalid tpu id: 5", failing.stdout, re.M), failing.stdout
+    with pytest.raises(SailLoadError, match="SailDeviceError: Invalid tpu id: 1"):
+        SailGraphs(write_bmodel(), 1)

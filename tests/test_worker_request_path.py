@@ -71,7 +71,7 @@ def wired() -> Iterator[Wired]:
     config = PoolConfig(router=RouterConfig(zmq_bind=endpoint), model=model)
     peer = RouterPeer(endpoint)
     try:
-        service = WorkerService(PacedEngine(model), WorkerIdentity(WORKER_ID, 0), endpoint, config)
+        service = WorkerService(PacedEngine(model), WorkerIdentity(WORKER_ID, (0,)), endpoint, config)
         try:
             service._generation.start()
             with service._lock:

@@ -55,18 +55,27 @@ class GenerationThread:
 
 
 def stream(engine: Engine, job: Job) -> Iterator[pb.Chunk]:
-    """The wire chunks of one generation, always ending with exactly one final chunk."""
+    """The wire chunks of one generation, always ending with exactly one final chunk, which reports
+    the conversation prefixes the engine's KV cache holds once it is done."""
+    for chunk in _chunks(engine, job):
+        if chunk.finish_reason != pb.FINISH_NONE or chunk.error_kind != pb.ERROR_NONE:
+            chunk.held_prefix.extend(engine.held_prefix())
+        yield chunk
+
+
+def _chunks(engine: Engine, job: Job) -> Iterator[pb.Chunk]:
     completion_tokens = prompt_tokens = 0
     try:
         chunks = engine.generate(job.request, job.cancel)
         for chunk in chunks:
             completion_tokens, prompt_tokens = chunk.completion_tokens, chunk.prompt_tokens
-            yield wire_chunk(job.request_id, chunk)
             if chunk.finish_reason is not None:
+                _close(chunks)  # let the engine finish its bookkeeping before the report
+                yield wire_chunk(job.request_id, chunk)
                 return
+            yield wire_chunk(job.request_id, chunk)
             if job.cancel.is_set():  # an engine slower to notice: stop it here, within one token
-                if isinstance(chunks, Generator):
-                    chunks.close()
+                _close(chunks)
                 yield cancelled_chunk(job.request_id, completion_tokens, prompt_tokens)
                 return
         message = "the engine ended without a finish reason"
@@ -79,3 +88,8 @@ def stream(engine: Engine, job: Job) -> Iterator[pb.Chunk]:
         log.exception("request %s: engine failed", job.request_id)
         message = str(error) if isinstance(error, EngineError) else f"{type(error).__name__}: {error}"
         yield error_chunk(job.request_id, pb.ERROR_ENGINE, message, completion_tokens, prompt_tokens)
+
+
+def _close(chunks: Iterator[object]) -> None:
+    if isinstance(chunks, Generator):
+        chunks.close()

@@ -37,6 +37,8 @@ import zmq
 
 from common import wire
 from common.config import PoolConfig
+from common.devices import DeviceGroup, format_group
+from common.security import CurveClient, SecurityError, check_worker_link
 from protos import worker_pb2 as pb
 from worker.core.engine import Engine, load_engine
 from worker.generation import GenerationThread, Job
@@ -58,22 +60,31 @@ _POLLIN = int(zmq.POLLIN)
 @dataclass(frozen=True)
 class WorkerIdentity:
     worker_id: str  # the ZeroMQ routing id: unique in the pool
-    device_id: int
+    devices: DeviceGroup  # the chips it drives: (2,), or (0, 1) for a bmodel compiled for two devices
     restarts: int = 0  # how many times the supervisor restarted this slot before this process
 
 
 def run_worker(config: PoolConfig, identity: WorkerIdentity, endpoint: str) -> int:
     """Load the engine, then serve until SIGTERM/SIGINT; returns the process exit code."""
+    try:  # before the engine loads: a key problem is reported at once
+        check_worker_link(endpoint, config.security)
+        curve = CurveClient(config.security.curve) if config.security.curve.enabled else None
+    except SecurityError as error:
+        log.error("%s", error)
+        return 2
     log.info(
-        "loading %s engine for %s on device %d", config.model.engine, config.model.path, identity.device_id
+        "loading %s engine for %s on device %s",
+        config.model.engine,
+        config.model.path,
+        format_group(identity.devices),
     )
     try:
-        engine = load_engine(config.model, identity.device_id)
+        engine = load_engine(config.model, identity.devices)
     except Exception as error:
         log.error("cannot load the %s engine from %s: %s", config.model.engine, config.model.path, error)
         return 1
     log.info("engine ready: model %s, context %d tokens", engine.model_id, engine.context_size)
-    return WorkerService(engine, identity, endpoint, config).run()
+    return WorkerService(engine, identity, endpoint, config, curve).run()
 
 
 @dataclass
@@ -91,8 +102,17 @@ class _Generation:
 
 
 class WorkerService:
-    def __init__(self, engine: Engine, identity: WorkerIdentity, endpoint: str, config: PoolConfig) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        identity: WorkerIdentity,
+        endpoint: str,
+        config: PoolConfig,
+        curve: CurveClient | None = None,
+    ) -> None:
+        """`curve`: connect as a CURVE client with this keypair (the router must allow its key)."""
         self._engine = engine
+        self._curve = curve
         self._identity = identity
         self._endpoint = endpoint
         self._settings = config.workers
@@ -117,6 +137,7 @@ class WorkerService:
         self._next_heartbeat = 0.0
         self._signals: list[int] = []
         self._stopping = False
+        self._retiring = False  # told by the router to leave: exit EXIT_RETIRED once idle
         self._finish_by = math.inf  # a stopping worker lets its request run until then, then cancels
         self._exit_code: int | None = None
 
@@ -216,11 +237,14 @@ class WorkerService:
             pb.Hello(
                 protocol_version=wire.PROTOCOL_VERSION,
                 worker_id=self._identity.worker_id,
-                device_id=self._identity.device_id,
+                device_id=self._identity.devices[0],
+                device_group=format_group(self._identity.devices),
                 model_id=self._engine.model_id,
                 context_size=self._engine.context_size,
                 pid=os.getpid(),
                 restarts=0 if self._ever_registered else self._identity.restarts,
+                host=socket.gethostname(),
+                held_prefix=self._engine.held_prefix(),
             )
         )
         self._hello_sent_at = now
@@ -281,6 +305,8 @@ class WorkerService:
         dealer.setsockopt(zmq.ROUTING_ID, self._identity.worker_id.encode())
         dealer.setsockopt(zmq.MAXMSGSIZE, wire.MAX_FRAME_BYTES)
         dealer.setsockopt(zmq.LINGER, 0)
+        if self._curve is not None:
+            self._curve.secure(dealer)
         dealer.connect(self._endpoint)
         self._dealer_fd: int = dealer.get(zmq.FD)
         self._poller.register(self._dealer_fd, select.POLLIN)
@@ -313,6 +339,8 @@ class WorkerService:
             self._on_generate(message, now)
         elif kind == "cancel":
             self._on_cancel(message)
+        elif kind == "retire":
+            self._on_retire(message.reason or "no reason given")
         elif kind == "disconnect":
             self._on_disconnect(message.reason or "no reason given", now)
         elif kind != "heartbeat":
@@ -330,8 +358,19 @@ class WorkerService:
         else:
             cancel = threading.Event()
             self._current = _Generation(request_id, cancel, received_at=now, last_progress=now)
-            log.info("request %s: started (%d turns)", request_id, len(generate.history))
+            if generate.HasField("raw_prompt"):
+                log.info("request %s: started (raw prompt)", request_id)
+            else:
+                log.info("request %s: started (%d turns)", request_id, len(generate.history))
             self._generation.submit(Job(request_id, chat_request(generate), cancel))
+
+    def _on_retire(self, reason: str) -> None:
+        """Leave the pool for good: the router sends no new work, the request running finishes
+        however long it takes (no grace period: nothing is cut), then goodbye and EXIT_RETIRED."""
+        if self._retiring:
+            return
+        log.info("told to retire (%s): leaving once the current request (if any) is done", reason)
+        self._retiring = self._stopping = True
 
     def _on_cancel(self, cancel: pb.Cancel) -> None:
         current = self._current
@@ -393,7 +432,7 @@ class WorkerService:
     def _handle_signals(self) -> None:
         while self._signals:
             name = signal.Signals(self._signals.pop(0)).name
-            if not self._stopping:
+            if self._finish_by == math.inf:  # the first signal (a retiring worker has no deadline yet)
                 self._stopping = True
                 self._finish_by = time.monotonic() + self._settings.stop_grace_s / 2
                 log.info("%s: stopping once the current request (if any) is done", name)
@@ -404,8 +443,8 @@ class WorkerService:
     def _continue_stopping(self, now: float) -> None:
         current = self._current
         if current is None:
-            self._send(pb.Disconnect(reason="worker stopping"))
-            self._exit_code = 0
+            self._send(pb.Disconnect(reason="retired" if self._retiring else "worker stopping"))
+            self._exit_code = wire.EXIT_RETIRED if self._retiring else 0
         elif now >= self._finish_by and not current.cancel.is_set():
             log.info("request %s: cancelled, the stop grace period is over", current.request_id)
             current.cancel.set()
@@ -470,7 +509,8 @@ def _log_completion(generation: _Generation, final: pb.Chunk, now: float) -> Non
     decode_time = now - (generation.first_token_at or now)
     rate = (tokens - 1) / decode_time if tokens > 1 and decode_time > 0 else 0.0
     log.info(
-        "request %s: done, %s; prompt %d tokens, %d tokens, first token after %s, %.1f tokens/s, %.3f s",
+        "request %s: done, %s; prompt %d tokens, %d tokens, first token after %s, %.1f tokens/s, %.3f s; "
+        "%d prompt tokens from the KV cache",
         generation.request_id,
         outcome,
         final.prompt_tokens,
@@ -478,4 +518,5 @@ def _log_completion(generation: _Generation, final: pb.Chunk, now: float) -> Non
         first_token,
         rate,
         now - generation.received_at,
+        final.cached_prompt_tokens,
     )

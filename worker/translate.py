@@ -29,6 +29,7 @@ def chat_request(generate: pb.Generate) -> ChatRequest:
             seed=_optional(params, "seed"),
             stop=tuple(params.stop),
         ),
+        raw_prompt=generate.raw_prompt if generate.HasField("raw_prompt") else None,
     )
 
 
@@ -45,6 +46,7 @@ def wire_chunk(request_id: str, chunk: Chunk) -> pb.Chunk:
         prompt_tokens=chunk.prompt_tokens,
         finish_reason=finish,
         created_unix_nanos=time.time_ns(),
+        cached_prompt_tokens=chunk.cached_prompt_tokens,
     )
 
 

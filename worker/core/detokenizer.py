@@ -5,6 +5,12 @@ a token's text by what precedes it (SentencePiece drops the leading space of the
 each step decodes a short window, the tokens of the last completed piece (as context) plus those
 since, and emits what the new tokens added, holding back a tail that decodes to U+FFFD (incomplete
 bytes) until later tokens complete it. Per token that is one decode of a few tokens, not of the answer.
+
+When the generation ends (max_new_tokens, the context, a cancel, an end-of-sequence token) while a
+character's bytes are still incomplete, those bytes are dropped, not sent as U+FFFD: the answer
+stops before the character it never finished (vLLM's incremental detokenizer holds such a tail
+back and never sends it either, vllm/transformers_utils/detokenizer_utils.py). Bytes that are
+invalid in the middle of the text, with text after them, still become U+FFFD as a whole decode has it.
 """
 
 from __future__ import annotations
@@ -15,7 +21,8 @@ REPLACEMENT_CHARACTER = "\ufffd"
 
 
 class StreamDecoder:
-    """Concatenating every push() result and flush() gives exactly tokenizer.decode(all pushed ids)."""
+    """Concatenating every push() result and flush() gives exactly tokenizer.decode(all pushed ids)
+    without its trailing U+FFFD characters (an unfinished character at the end)."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._tokenizer = tokenizer
@@ -46,8 +53,8 @@ class StreamDecoder:
         return piece
 
     def flush(self) -> str:
-        """Whatever is still held back, at the end of the generation."""
-        text = self._tokenizer.decode(self._ids[self._window_start :])
+        """Whatever is still held back, at the end of the generation, less an unfinished character."""
+        text = self._tokenizer.decode(self._ids[self._window_start :]).rstrip(REPLACEMENT_CHARACTER)
         piece = text[self._emitted :]
         self._emitted = max(self._emitted, len(text))
         return piece

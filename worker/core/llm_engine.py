@@ -4,6 +4,10 @@ Renders the model's chat template, fits the prompt into the context (dropping th
 merges the request's sampling parameters with the configured defaults, runs the generation driver,
 detokenizes without splitting characters and cuts the answer at stop strings.
 
+Multi-turn reuse (model.reuse_kv): the engine remembers what its KV cache holds (kv_prefix.py) and
+a prompt that starts with those tokens prefills only the rest; the final chunk of every generation
+leaves `held_prefix()` up to date for the worker's report to the router.
+
 Greedy-only bmodels (HeadKind.TOKEN_ID: top-1 compiled into lm_head) cannot sample on the host;
 a request that asks for sampling explicitly is refused with RequestError (INVALID_ARGUMENT), and
 the configured sampling defaults are not applied to them (they decode greedily).
@@ -14,13 +18,15 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from common.config import GenerationDefaults
+from common.prefix_hash import conversation_hashes
 from worker.core.detokenizer import StreamDecoder
 from worker.core.driver import Generation
 from worker.core.graphs import HeadKind, ModelGraphs
+from worker.core.kv_prefix import KvPrefix, common_prefix
 from worker.core.request import (
     ASSISTANT,
     USER,
@@ -54,7 +60,12 @@ class LLMEngine:
     """The Engine protocol (worker/core/engine.py) for one model; one generation at a time."""
 
     def __init__(
-        self, graphs: ModelGraphs, tokenizer: Tokenizer, model_id: str, defaults: GenerationDefaults
+        self,
+        graphs: ModelGraphs,
+        tokenizer: Tokenizer,
+        model_id: str,
+        defaults: GenerationDefaults,
+        reuse_kv: bool = True,
     ) -> None:
         self.model_id = model_id
         self.context_size = graphs.spec.seq_len
@@ -62,6 +73,9 @@ class LLMEngine:
         self._tokenizer = tokenizer
         self._defaults = defaults
         self._greedy_only = graphs.spec.head is HeadKind.TOKEN_ID
+        # Without a usable prefill-with-history graph nothing is reused, and nothing is reported.
+        self._reuse_kv = reuse_kv and graphs.spec.max_history > 0 and graphs.spec.is_dynamic
+        self._kv_prefix = KvPrefix()
         if self._greedy_only:
             log.warning(
                 "%s: the bmodel's lm_head returns token ids (greedy decoding compiled in); requests that "
@@ -69,20 +83,55 @@ class LLMEngine:
                 model_id,
             )
 
+    def held_prefix(self) -> tuple[int, ...]:
+        """Hashes (common/prefix_hash.py) of the conversation prefixes the KV cache holds (and
+        will reuse: none when reuse is off)."""
+        return self._kv_prefix.conversation if self._reuse_kv else ()
+
     def generate(self, request: ChatRequest, cancel: threading.Event) -> Iterator[Chunk]:
         settings = self._settings(request.params)
-        prompt_ids = self._fit_prompt(request, settings.max_new_tokens)
+        prompt_ids, history = self._fit_prompt(request, settings.max_new_tokens)
+        cached = self._kv_prefix.shared_with(prompt_ids) if self._reuse_kv else 0
+        generation = self._generation(prompt_ids, settings, cancel, cached)
+        answer: list[str] = []
+        remembered = False
         try:
-            yield from self._stream(prompt_ids, settings, cancel)
+            for chunk in self._stream(prompt_ids, settings, generation):
+                answer.append(chunk.text)
+                if chunk.finish_reason is not None:  # the worker reports the cache with this chunk
+                    self._remember(generation, request, history, "".join(answer))
+                    remembered = True
+                yield replace(chunk, cached_prompt_tokens=generation.reused)
         except Exception as error:
+            remembered = True
             log.exception("%s: generation failed", self.model_id)
             failure = f"generation failed: {type(error).__name__}: {error}"
             self._reset_after(failure)
             raise EngineError(failure) from error
+        finally:
+            if not remembered:  # closed early: the caller stopped reading (a cancel)
+                self._remember(generation, request, history, "".join(answer))
+
+    def _remember(
+        self, generation: Generation, request: ChatRequest, history: tuple[Turn, ...], answer: str
+    ) -> None:
+        """Record what the cache holds now, and the conversation prefixes that names for the router:
+        the request's turns and the answer so far when its prompt was prefilled, else (a cancel
+        before the prefill) the prefixes the old and new conversations share. A prompt whose oldest
+        turns were dropped to fit the context no longer starts like the conversation, and a raw
+        prompt is none: no prefixes (its tokens are still reused by a prompt that starts with them)."""
+        hashes: list[int] = []
+        if request.raw_prompt is None and len(history) == len(request.history):
+            turns = (*history, Turn(ASSISTANT, answer)) if answer else history
+            hashes = conversation_hashes(request.system_message, turns)
+        if len(generation.computed) < generation.prompt_length:
+            hashes = common_prefix(self._kv_prefix.conversation, hashes)
+        self._kv_prefix.remember(generation.computed, hashes)
 
     def _reset_after(self, failure: str) -> None:
         """Forget the KV cache of a failed generation: its last step may have stopped half-way
         through writing it, and nothing of one request may reach the next."""
+        self._kv_prefix.forget()
         try:
             self._graphs.reset()
         except Exception as error:
@@ -91,15 +140,21 @@ class LLMEngine:
                 f"{failure}; resetting the KV cache failed too: {type(error).__name__}: {error}"
             ) from error
 
-    def _stream(self, prompt_ids: list[int], settings: _Settings, cancel: threading.Event) -> Iterator[Chunk]:
-        generation = Generation(
+    def _generation(
+        self, prompt_ids: list[int], settings: _Settings, cancel: threading.Event, cached: int
+    ) -> Generation:
+        return Generation(
             self._graphs,
             prompt_ids,
             Sampler(settings.sampling),
             settings.max_new_tokens,
             self._tokenizer.eos_token_ids,
             cancel,
+            greedy=settings.sampling.is_greedy,
+            cached=cached,
         )
+
+    def _stream(self, prompt_ids: list[int], settings: _Settings, generation: Generation) -> Iterator[Chunk]:
         decoder = StreamDecoder(self._tokenizer)
         stops = StopStringFilter(settings.stop)
         prompt_tokens, completion_tokens = len(prompt_ids), 0
@@ -161,29 +216,45 @@ class LLMEngine:
                 f"ids), so sampling cannot be applied: remove {names} from the request or use temperature 0"
             )
 
-    def _fit_prompt(self, request: ChatRequest, max_new_tokens: int) -> list[int]:
-        """The prompt's token ids, dropping the oldest turns until it leaves room for an answer."""
+    def _fit_prompt(self, request: ChatRequest, max_new_tokens: int) -> tuple[list[int], tuple[Turn, ...]]:
+        """The prompt's token ids and the turns they hold, dropping the oldest turns until it
+        leaves room for an answer."""
+        if request.raw_prompt is not None:
+            return self._raw_prompt(request.raw_prompt, max_new_tokens), request.history
         history = request.history
         if not history or history[-1].role != USER:
             raise RequestError("the conversation must end with a user turn")
         room = min(MIN_ANSWER_ROOM, max_new_tokens)
+        longest = self._graphs.spec.prefill_length  # a prompt is prefilled in one pass
         while True:
             prompt_ids = self._encode(request.system_message, history)
-            if len(prompt_ids) + room <= self.context_size:
+            if len(prompt_ids) + room <= self.context_size and len(prompt_ids) <= longest:
                 if len(history) < len(request.history):
                     log.info(
                         "%s: dropped %d oldest turns to fit the context",
                         self.model_id,
                         len(request.history) - len(history),
                     )
-                return prompt_ids
+                return prompt_ids, history
             if len(history) == 1:
                 raise RequestError(
                     f"the prompt needs {len(prompt_ids)} tokens even with only the system message and "
                     f"the last user turn; with room for {room} new tokens that exceeds the model's "
                     f"context of {self.context_size} tokens"
+                    + (f" (or its longest prompt, {longest} tokens)" if longest < self.context_size else "")
                 )
             history = _without_oldest_turn(history)
+
+    def _raw_prompt(self, text: str, max_new_tokens: int) -> list[int]:
+        """A raw prompt is continued as it is: nothing can be dropped to make it fit."""
+        prompt_ids = self._tokenizer.encode_prompt(text)
+        room = min(MIN_ANSWER_ROOM, max_new_tokens)
+        if len(prompt_ids) + room > self.context_size:
+            raise RequestError(
+                f"the prompt needs {len(prompt_ids)} tokens; with room for {room} new tokens that "
+                f"exceeds the model's context of {self.context_size} tokens"
+            )
+        return prompt_ids
 
     def _encode(self, system_message: str, history: tuple[Turn, ...]) -> list[int]:
         text = self._tokenizer.chat_template.render(system_message, history)

@@ -4,6 +4,9 @@ The KV cache is two preallocated float32 arrays [layers, seq_len, kv_heads, dim]
 no per-token concatenation. A decode step attends only over cache rows 0..position, so rows left
 from an earlier request are never read; a new prefill rewrites the rows it uses. After a failed
 generation `reset` zeroes the cache all the same, as on the chip.
+
+`block_with_history` is the prefill-with-history graph (LLM-TPU's block_kv_i): a multi-turn
+conversation keeps rows 0..start-1 from its previous turn and computes only the new positions.
 """
 
 from __future__ import annotations
@@ -25,7 +28,11 @@ class NumpyGraphs:
         arch = weights.arch
         self.weights = weights
         self.spec = GraphSpec(
-            seq_len=seq_len, num_layers=arch.num_layers, is_dynamic=is_dynamic, head=HeadKind.LOGITS
+            seq_len=seq_len,
+            num_layers=arch.num_layers,
+            is_dynamic=is_dynamic,
+            head=HeadKind.LOGITS,
+            max_history=seq_len - 1,
         )
         cache_shape = (arch.num_layers, seq_len, arch.num_kv_heads, arch.head_dim)
         self.k_cache = np.zeros(cache_shape, dtype=np.float32)
@@ -43,6 +50,24 @@ class NumpyGraphs:
         self.k_cache[layer, :length] = k
         self.v_cache[layer, :length] = v
         return finish_layer(weights, self.weights.arch, hidden, attend(q, k, v, mask[0, 0]))
+
+    def block_with_history(
+        self, layer: int, hidden: np.ndarray, position_ids: np.ndarray, mask: np.ndarray, start: int
+    ) -> np.ndarray:
+        length = hidden.shape[0]
+        if not 0 < start <= self.spec.max_history or start + length > self.spec.seq_len:
+            raise ValueError(
+                f"prefill of {length} positions after {start} cached ones does not fit the KV cache "
+                f"(seq_len {self.spec.seq_len})"
+            )
+        weights = self.weights.layers[layer]
+        q, k, v = project_qkv(weights, self.weights.arch, hidden, position_ids[0])
+        end = start + length
+        self.k_cache[layer, start:end] = k
+        self.v_cache[layer, start:end] = v
+        # Rows past `end` are never read: what an earlier conversation left there stays invisible.
+        keys, values = self.k_cache[layer, :end], self.v_cache[layer, :end]
+        return finish_layer(weights, self.weights.arch, hidden, attend(q, keys, values, mask[0, 0]))
 
     def embedding_cache(self, token_id: int) -> np.ndarray:
         return embed(self.weights, np.array([token_id]))

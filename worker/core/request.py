@@ -37,8 +37,10 @@ class SamplingParams:
 @dataclass(frozen=True)
 class ChatRequest:
     system_message: str
-    history: tuple[Turn, ...]  # oldest first, last turn from the user
+    history: tuple[Turn, ...]  # oldest first, last turn from the user; empty with a raw prompt
     params: SamplingParams = field(default_factory=SamplingParams)
+    # Text to continue as it is, without the chat template (/v1/completions); None: a conversation.
+    raw_prompt: str | None = None
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class Chunk:
     completion_tokens: int  # generated tokens so far
     prompt_tokens: int
     finish_reason: FinishReason | None = None
+    cached_prompt_tokens: int = 0  # prompt tokens whose keys/values came from the KV cache
 
 
 class RequestError(ValueError):

@@ -1,17 +1,24 @@
-"""The `sail` backend: the bmodel graph contract run on a BM1684X through sophon-sail's EngineLLM.
+"""The `sail` backend: the bmodel graph contract run on BM1684X chips through sophon-sail's EngineLLM.
 
 A thin adapter: the driver decides positions, masks and KV-cache offsets; this only moves arrays
-between the host and device memory and launches graphs. The device layout follows sophon-demo's
-sample/Qwen (python/qwen.py, cpp/qwen_bmlib/qwen.cpp):
-- every graph input and output is a device buffer allocated here once at the graph's max shape,
-  used through views at element offsets (`sail.Tensor(src, shape, offset)`): prefill hidden states
-  stay on the device from graph to graph, and lm_head reads one row of them in place;
-- layer i's KV cache is [1, seq_len, kv_heads, dim]: block_i writes rows 0..L-1 through a view at
-  offset 0; block_cache_i reads all of it and writes row `position` through a view there;
-- in addr mode 1 ("io_alone") the runtime has already allocated every graph's IO memory, and
-  block_cache_i's own history_k/history_v inputs hold the cache (no second copy of the largest
-  buffers); in addr mode 0 a graph's IO memory is shared with other graphs, so the cache is
-  allocated here.
+between the host and device memory and launches graphs. The layout is read and checked at load
+(sail_layout.py) and follows sophon-demo's sample/Qwen/python/qwen.py:
+- every graph input and output it writes is a device buffer allocated here once at the graph's max
+  shape (`own_dev_data`, so zeroed and without a host mirror on PCIe and SoC alike), used through
+  views at element offsets (`sail.Tensor(src, shape, offset)`): prefill hidden states stay on the
+  device from graph to graph, and lm_head reads one row of them in place;
+- layer i's KV cache is [1, SEQLEN, kv_heads, dim] per device: block_i writes rows 0..L-1 through a
+  view at offset 0; block_cache_i reads all of it and writes row `position` through a view there.
+  A static bmodel whose block_caches are io_alone (addr mode 1) keeps the cache in block_cache_i's
+  own history_k/history_v inputs (no second copy of the largest buffers); otherwise the cache is
+  allocated here, as qwen.py does for dynamic bmodels. Either way it is zeroed at load and on reset
+  by a device-side fill (`Tensor.zeros`, bm_memset_device_ext in sophon-sail src/tensor.cpp): the
+  runtime never clears io_alone memory (LLM-TPU's models/Qwen2_5/python_demo/chat.cpp empties the
+  nets itself), and on SoC `update_data` would write only the tensor's host mirror.
+- positions and masks are written once per step, by layer 0; the other layers reuse them
+  (as qwen.py does), so no per-layer host work.
+A bmodel compiled for N devices (sophon-demo's `2dev` models) takes one device group: every input
+and output of the embeddings and blocks is repeated per device, in qwen.py's index order.
 One instance per worker: it owns the engine, the buffers and the KV cache, one generation at a time.
 `sophon.sail` is imported only here, when a SailGraphs is built.
 """
@@ -19,34 +26,51 @@ One instance per worker: it owns the engine, the buffers and the KV cache, one g
 from __future__ import annotations
 
 import importlib
-import re
-from collections.abc import Iterable
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
+from common.devices import DeviceGroup, format_group
 from worker.core.graphs import GraphSpec, HeadKind
 from worker.core.request import EngineError
+from worker.core.sail_layout import (
+    EMBEDDING,
+    EMBEDDING_CACHE,
+    GREEDY_HEAD,
+    LM_HEAD,
+    Layout,
+    read_layout,
+)
+
+log = logging.getLogger(__name__)
 
 SAIL_MISSING = (
     "sophon-sail is not installed: the sail engine needs the chip's SDK (the sophon-sail wheel of "
     "Sophgo's libsophon release, installed into this Python) and a BM1684X; use the numpy engine "
     "on a machine without the chip"
 )
-
-EMBEDDING = "embedding"
-EMBEDDING_CACHE = "embedding_cache"
-LM_HEAD = "lm_head"
-_BLOCK_NAME = re.compile(r"block_\d+")
-_LAYER_INPUTS = 3  # hidden, position_ids, mask: a block graph of a bmodel compiled for one device
+# The view constructor Tensor(src, shape, offset, no_copy) is bound from sophon-sail 3.9.1 on
+# (absent from 3.9.0's src/bind.cpp); every step of this adapter uses it.
+MIN_SAIL_VERSION = "3.9.1"
 
 Tensor = Any  # a sophon.sail.Tensor: device memory with a shape and a dtype
 
 
 class SailNotInstalledError(RuntimeError):
     """sophon.sail cannot be imported on this machine."""
+
+
+class SailTooOldError(RuntimeError):
+    """The installed sophon-sail lacks a call the adapter needs."""
+
+
+class SailLoadError(RuntimeError):
+    """EngineLLM could not load the bmodel on the device group."""
 
 
 def import_sail() -> ModuleType:
@@ -56,179 +80,312 @@ def import_sail() -> ModuleType:
         raise SailNotInstalledError(f"{SAIL_MISSING} (import error: {error})") from error
 
 
-class SailGraphs:
-    """ModelGraphs on one device; hidden-state handles are device tensors."""
+def sail_version(sail: ModuleType) -> str:
+    return str(getattr(sail, "__version__", "unknown"))
 
-    def __init__(self, bmodel_path: str | Path, dev_id: int = 0) -> None:
+
+def has_view_overload(sail: ModuleType, handle: Any) -> bool:
+    """Whether Tensor(src, shape, offset) exists: tried once on a one-element buffer."""
+    buffer = sail.Tensor(handle, [1], sail.Dtype.BM_INT32, False, True)
+    try:
+        sail.Tensor(buffer, [1], 0)
+    except TypeError:  # pybind11: no overload takes these arguments
+        return False
+    return True
+
+
+@dataclass
+class _Hidden:
+    """Hidden states on the device: one view per device of the group, [1, length, H] each."""
+
+    views: list[Tensor]
+    length: int
+
+
+class SailGraphs:
+    """ModelGraphs on one device group; hidden-state handles are device tensors."""
+
+    def __init__(self, bmodel_path: str | Path, devices: int | DeviceGroup = 0) -> None:
         path = Path(bmodel_path)
         if not path.is_file():
             raise FileNotFoundError(f"bmodel not found: {path}")
+        group = (devices,) if isinstance(devices, int) else tuple(devices)
         self._sail = import_sail()
+        self._name = f"{path.name} on device {format_group(group)}"
         # The engine first: it raises on a bad DEV_ID, where sail.Handle would exit the process.
-        self._engine = self._sail.EngineLLM(str(path), [dev_id])
-        self._handle = self._sail.Handle(dev_id)
-        self._name = f"{path.name} on device {dev_id}"
-        num_layers = _layer_count(self._engine.get_graph_names(), self._name)
-        if self._engine.get_input_num("block_0") != _LAYER_INPUTS:
-            raise ValueError(f"{self._name}: compiled for several devices; a worker runs a 1-device bmodel")
-        self._kv_shape = self._engine.get_input_shape("block_cache_0", 3)  # [1, seq_len, kv_heads, dim]
-        self._kv_dtype = self._engine.get_input_dtype("block_cache_0", 3)
-        self._hidden_size = self._engine.get_output_shape(EMBEDDING_CACHE, 0)[-1]
-        self._head_dtype = self._engine.get_output_dtype(LM_HEAD, 0)
-        head = HeadKind.TOKEN_ID if self._head_dtype == self._sail.Dtype.BM_INT32 else HeadKind.LOGITS
+        self._engine = self._load_engine(path, group)
+        self._handles = [self._sail.Handle(device) for device in group]
+        if not hasattr(self._sail.Tensor, "zeros") or not has_view_overload(self._sail, self._handles[0]):
+            raise SailTooOldError(
+                f"sophon-sail {sail_version(self._sail)} is too old: the sail engine needs sophon-sail "
+                f">= {MIN_SAIL_VERSION} (Tensor(src, shape, offset) views and Tensor.zeros); install the "
+                "sophon-sail wheel of a newer SDK release"
+            )
+        self._layout = layout = read_layout(self._engine, self._sail.Dtype, self._name, len(group))
         self.spec = GraphSpec(
-            seq_len=self._kv_shape[1],
-            num_layers=num_layers,
-            is_dynamic=self._engine.get_is_dynamic("block_0"),
-            head=head,
+            seq_len=layout.seq_len,
+            num_layers=layout.num_layers,
+            is_dynamic=layout.is_dynamic,
+            head=HeadKind.TOKEN_ID if layout.head_is_token else HeadKind.LOGITS,
+            max_input_length=layout.prefill_length if layout.prefill_length < layout.seq_len else 0,
+            device_greedy=layout.has_greedy_head,
         )
-        self._prefill_ids = self._input(EMBEDDING, 0)
-        self._prefill_hidden = self._output_buffer(EMBEDDING)
-        self._prefill_positions = self._input("block_0", 1)
-        self._prefill_mask = self._input("block_0", 2)
-        self._decode_ids = self._input(EMBEDDING_CACHE, 0)
-        self._decode_hidden = self._output_buffer(EMBEDDING_CACHE)
-        self._decode_position = self._input("block_cache_0", 1)
-        self._decode_mask = self._input("block_cache_0", 2)
-        self._head_row_shape = self._engine.get_input_shape(LM_HEAD, 0)  # [1, H] or [1, 1, H]
-        self._head_output = self._output_buffer(LM_HEAD)
-        self._kv = [self._kv_cache(layer) for layer in range(num_layers)]
-        self._host_inputs = (
-            self._prefill_ids,
-            self._prefill_positions,
-            self._prefill_mask,
-            self._decode_ids,
-            self._decode_position,
-            self._decode_mask,
-        )
+        self._allocate(layout)
+        self._step_inputs: tuple[object, ...] | None = None  # what layer 0 of this step wrote
+        self._zero_kv()
 
-    def embedding(self, input_ids: np.ndarray) -> Tensor:
+    def _load_engine(self, path: Path, group: DeviceGroup) -> Any:
+        try:
+            return self._sail.EngineLLM(str(path), list(group))
+        except Exception as error:  # sail says only "EngineLLM related error!" (src/engine_llm.cpp)
+            raise SailLoadError(
+                f"sophon-sail could not load {self._name}: {type(error).__name__}: {error} (are the "
+                f"device ids right, and was the bmodel compiled for {len(group)} device(s)? A bmodel "
+                'for N devices needs a group of N chips, e.g. workers.devices: ["0,1"])'
+            ) from error
+
+    def _allocate(self, layout: Layout) -> None:
+        """The device buffers of every input the adapter writes and every output it reads."""
+        self._prefill_ids = self._per_device(EMBEDDING, "input", 0, 1)
+        self._embedded = self._per_device(EMBEDDING, "output", 0, 1)
+        self._prefill_hidden = (
+            self._per_device("block_0", "input", 0, 3) if layout.convert_embedding else self._embedded
+        )
+        self._prefill_positions = self._per_device("block_0", "input", 1, 3)
+        self._prefill_mask = self._per_device("block_0", "input", 2, 3)
+        self._decode_ids = self._per_device(EMBEDDING_CACHE, "input", 0, 1)
+        self._decode_embedded = self._per_device(EMBEDDING_CACHE, "output", 0, 1)
+        self._decode_hidden = (
+            self._per_device("block_cache_0", "input", 0, 5)
+            if layout.convert_embedding
+            else self._decode_embedded
+        )
+        self._decode_position = self._per_device("block_cache_0", "input", 1, 5)
+        self._decode_mask = self._per_device("block_cache_0", "input", 2, 5)
+        self._head_input = self._buffer(LM_HEAD, "input", 0, 0) if layout.convert_head else None
+        self._head_output = self._buffer(LM_HEAD, "output", 0, 0)
+        self._greedy_output = self._buffer(GREEDY_HEAD, "output", 0, 0) if layout.has_greedy_head else None
+        self._kv = [
+            [self._kv_pair(layer, device) for device in range(layout.devices)]
+            for layer in range(layout.num_layers)
+        ]
+
+    # --- the graph contract ---
+
+    def embedding(self, input_ids: np.ndarray) -> _Hidden:
         length = self._prefill_length(input_ids)
-        hidden = self._sail.Tensor(self._prefill_hidden, [1, length, self._hidden_size], 0)
-        self._run(EMBEDDING, [self._prefill_ids.put(input_ids)], [hidden])
-        return hidden
+        ids = self._write_all(self._prefill_ids, input_ids)
+        embedded = self._views(self._embedded, [1, length, self._layout.hidden_size])
+        self._run(EMBEDDING, ids, embedded)
+        hidden = self._views(self._prefill_hidden, [1, length, self._layout.hidden_size])
+        if self._layout.convert_embedding:
+            self._convert(embedded, hidden)
+        return _Hidden(hidden, length)
 
-    def block(self, layer: int, hidden: Tensor, position_ids: np.ndarray, mask: np.ndarray) -> Tensor:
-        length = hidden.shape()[1]
+    def block(self, layer: int, hidden: _Hidden, position_ids: np.ndarray, mask: np.ndarray) -> _Hidden:
+        length = hidden.length
         _expect_shape("position_ids", position_ids, (1, length))
         _expect_shape("mask", mask, (1, 1, length, length))
-        past_k, past_v = self._kv[layer]
-        rows = [1, length, *self._kv_shape[2:]]
-        inputs = [hidden, self._prefill_positions.put(position_ids), self._prefill_mask.put(mask)]
-        outputs = [hidden, self._sail.Tensor(past_k, rows, 0), self._sail.Tensor(past_v, rows, 0)]
+        positions, masks = self._step(
+            layer, position_ids, position_ids, mask, (self._prefill_positions, self._prefill_mask)
+        )
+        rows = [1, length, *self._layout.kv_shape[2:]]
+        inputs, outputs = [], []
+        for device, view in enumerate(hidden.views):
+            past_k, past_v = self._kv[layer][device]
+            inputs += [view, positions[device], masks[device]]
+            outputs += [view, self._sail.Tensor(past_k, rows, 0), self._sail.Tensor(past_v, rows, 0)]
         self._run(f"block_{layer}", inputs, outputs)
         return hidden
 
-    def embedding_cache(self, token_id: int) -> Tensor:
-        ids = self._decode_ids.put(np.array([[token_id]], dtype=np.int32))
-        self._run(EMBEDDING_CACHE, [ids], [self._decode_hidden])
-        return self._decode_hidden
+    def embedding_cache(self, token_id: int) -> _Hidden:
+        ids = self._write_all(self._decode_ids, np.array([[token_id]], dtype=np.int32))
+        self._run(EMBEDDING_CACHE, ids, self._decode_embedded)
+        if self._layout.convert_embedding:
+            self._convert(self._decode_embedded, self._decode_hidden)
+        return _Hidden(list(self._decode_hidden), 1)
 
-    def block_cache(self, layer: int, hidden: Tensor, position: int, mask: np.ndarray) -> Tensor:
-        if not 0 <= position < self.spec.seq_len:
-            raise ValueError(
-                f"decode position {position} is outside the KV cache (seq_len {self.spec.seq_len})"
-            )
-        _expect_shape("mask", mask, (1, 1, 1, self.spec.seq_len + 1))
-        past_k, past_v = self._kv[layer]
-        row, offset = [1, 1, *self._kv_shape[2:]], position * self._kv_shape[2] * self._kv_shape[3]
-        position_ids = self._decode_position.put(np.array([[position]], dtype=np.int32))
-        inputs = [hidden, position_ids, self._decode_mask.put(mask), past_k, past_v]
-        outputs = [hidden, self._sail.Tensor(past_k, row, offset), self._sail.Tensor(past_v, row, offset)]
+    def block_cache(self, layer: int, hidden: _Hidden, position: int, mask: np.ndarray) -> _Hidden:
+        seq_len = self.spec.seq_len
+        if not 0 <= position < seq_len:
+            raise ValueError(f"decode position {position} is outside the KV cache (seq_len {seq_len})")
+        _expect_shape("mask", mask, (1, 1, 1, seq_len + 1))
+        positions, masks = self._step(
+            layer,
+            position,
+            np.array([[position]], dtype=np.int32),
+            mask,
+            (self._decode_position, self._decode_mask),
+        )
+        _, _, kv_heads, dim = self._layout.kv_shape
+        row, offset = [1, 1, kv_heads, dim], position * kv_heads * dim
+        inputs, outputs = [], []
+        for device, view in enumerate(hidden.views):
+            past_k, past_v = self._kv[layer][device]
+            inputs += [view, positions[device], masks[device], past_k, past_v]
+            new_k, new_v = self._sail.Tensor(past_k, row, offset), self._sail.Tensor(past_v, row, offset)
+            outputs += [view, new_k, new_v]
         self._run(f"block_cache_{layer}", inputs, outputs)
         return hidden
 
-    def lm_head(self, hidden: Tensor, index: int) -> np.ndarray:
-        length = hidden.shape()[1]
-        if not 0 <= index < length:
-            raise ValueError(f"lm_head row {index} is outside the hidden states of {length} positions")
-        row = self._sail.Tensor(hidden, self._head_row_shape, index * self._hidden_size)
-        self._run(LM_HEAD, [row], [self._head_output])
+    def lm_head(self, hidden: _Hidden, index: int) -> np.ndarray:
+        self._run_head(hidden, index)
         values = self._head_output.asnumpy()
         if self.spec.head is HeadKind.TOKEN_ID:
-            return values.reshape(-1)[:1].astype(np.int32)
-        return _to_float32(self._sail, values, self._head_dtype).reshape(-1)
+            return _first_token(values)
+        return _to_float32(self._sail, values, self._layout.head_dtype).reshape(-1)
+
+    def greedy_token(self, hidden: _Hidden, index: int) -> int:
+        """lm_head, then greedy_head on its logits in device memory: 4 bytes reach the host
+        (LLM-TPU models/Qwen2_5/python_demo/chat.cpp greedy_search; qwen.py's is_sample path)."""
+        self._run_head(hidden, index)
+        if self._greedy_output is None:
+            return int(_first_token(self._head_output.asnumpy())[0])
+        self._run(GREEDY_HEAD, [self._head_output], [self._greedy_output])
+        return int(_first_token(self._greedy_output.asnumpy())[0])
 
     def reset(self) -> None:
-        """Zero every layer's KV cache in device memory, and rewrite every host input on its next use:
+        """Zero every layer's KV cache in device memory; the next step writes all its host inputs:
         a failed step may have left any of them half-written."""
-        zeros = _to_device(self._sail, np.zeros(self._kv_shape, dtype=np.float32), self._kv_dtype)
-        for past_k, past_v in self._kv:
-            past_k.update_data(zeros)
-            past_v.update_data(zeros)
-        for host_input in self._host_inputs:
-            host_input.forget()
+        self._step_inputs = None
+        self._zero_kv()
+
+    # --- for scripts/chip_check.py ---
+
+    def read_kv(self, layer: int) -> list[np.ndarray]:
+        """Layer `layer`'s k and v caches of every device as the device holds them (raw bits)."""
+        arrays = []
+        for past_k, past_v in self._kv[layer]:
+            for tensor in (past_k, past_v):
+                tensor.sync_d2s()  # a no-op without a host mirror; on SoC it refreshes the mirror
+                arrays.append(tensor.asnumpy())
+        return arrays
+
+    @property
+    def layout(self) -> Layout:
+        return self._layout
+
+    @property
+    def engine(self) -> Any:
+        """The sail.EngineLLM, for a diagnostic's read-only look at its graphs."""
+        return self._engine
+
+    # --- inside ---
+
+    def _run_head(self, hidden: _Hidden, index: int) -> None:
+        if not 0 <= index < hidden.length:
+            raise ValueError(f"lm_head row {index} is outside the hidden states of {hidden.length} positions")
+        row = self._sail.Tensor(
+            hidden.views[0], self._layout.head_input_shape, index * self._layout.hidden_size
+        )
+        if self._head_input is not None:
+            self._convert([row], [self._head_input])
+            row = self._head_input
+        self._run(LM_HEAD, [row], [self._head_output])
+
+    def _step(
+        self,
+        layer: int,
+        position: object,
+        position_ids: np.ndarray,
+        mask: np.ndarray,
+        buffers: tuple[list[Tensor], list[Tensor]],
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """The position and mask views of this step: written by layer 0, reused by the other
+        layers when they are given the same position and the same mask array (the driver's way),
+        written again otherwise."""
+        if layer > 0 and self._step_inputs is not None:
+            written_position, written_mask, positions, masks = self._step_inputs
+            if written_mask is mask and _same(written_position, position):
+                return positions, masks
+        positions, masks = self._write_all(buffers[0], position_ids), self._write_all(buffers[1], mask)
+        self._step_inputs = (position, mask, positions, masks)
+        return positions, masks
+
+    def _write_all(self, buffers: list[Tensor], values: np.ndarray) -> list[Tensor]:
+        """`values` written into a view of their shape at the start of every device's buffer."""
+        device_values = _to_device(self._sail, values, buffers[0].dtype())
+        views = self._views(buffers, list(values.shape))
+        for view in views:
+            view.update_data(device_values)
+        return views
+
+    def _views(self, buffers: list[Tensor], shape: list[int]) -> list[Tensor]:
+        return [self._sail.Tensor(buffer, shape, 0) for buffer in buffers]
+
+    def _convert(self, sources: list[Tensor], targets: list[Tensor]) -> None:
+        """Hidden states from one graph's dtype into the next graph's, through the host (an
+        embedding compiled BF16 beside F16 blocks, as sophon-demo's gen_bmodel.sh makes them)."""
+        for source, target in zip(sources, targets, strict=True):
+            values = _to_float32(self._sail, source.asnumpy(), source.dtype())
+            target.update_data(_to_device(self._sail, values.reshape(target.shape()), target.dtype()))
 
     def _prefill_length(self, input_ids: np.ndarray) -> int:
         if input_ids.ndim != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 1:
             raise ValueError(f"input_ids must be [1, L], got shape {input_ids.shape}")
-        length, seq_len = input_ids.shape[1], self.spec.seq_len
-        if not self.spec.is_dynamic and length != seq_len:
+        length, longest = input_ids.shape[1], self._layout.prefill_length
+        if not self.spec.is_dynamic and length != longest:
             raise ValueError(
-                f"{self._name} is static: prefill runs at seq_len {seq_len} (padded), got {length}"
+                f"{self._name} is static: prefill runs at {longest} positions (padded), got {length}"
             )
-        if length > seq_len:
-            raise ValueError(f"prefill of {length} positions exceeds seq_len {seq_len}")
+        if length > longest:
+            raise ValueError(f"prefill of {length} positions exceeds the bmodel's {longest}")
         return length
 
-    def _run(self, graph: str, inputs: list[Tensor], outputs: list[Tensor]) -> None:
+    def _run(self, graph: str, inputs: Sequence[Tensor], outputs: Sequence[Tensor]) -> None:
         try:
-            status = self._engine.process(graph, dict(enumerate(inputs)), dict(enumerate(outputs)))
-        except Exception as error:  # sail's own error types (pybind11-registered) derive from Exception
-            raise EngineError(f"{self._name}: graph {graph} failed: {error}") from error
-        if status:
-            raise EngineError(f"{self._name}: graph {graph} failed with status {status}")
+            # Returns None and raises on failure (src/engine_llm.cpp: void process, SAIL_CHECK_RET).
+            self._engine.process(graph, dict(enumerate(inputs)), dict(enumerate(outputs)))
+        except Exception as error:  # SailEngineError, SailTensorError...: registered, derived from Exception
+            raise EngineError(
+                f"{self._name}: graph {graph} failed: {type(error).__name__}: {error}"
+            ) from error
 
-    def _input(self, graph: str, index: int) -> _HostInput:
-        return _HostInput(
-            self._sail, self._input_buffer(graph, index), self._engine.get_input_dtype(graph, index)
-        )
-
-    def _kv_cache(self, layer: int) -> tuple[Tensor, Tensor]:
-        graph = f"block_cache_{layer}"
-        if self._engine.get_addr_mode(graph) == 1:
+    def _kv_pair(self, layer: int, device: int) -> tuple[Tensor, Tensor]:
+        graph, base = f"block_cache_{layer}", 5 * device
+        if self._layout.kv_in_runtime_memory:
             own = self._engine.get_input_tensors(graph)
-            return own[3], own[4]
-        return self._input_buffer(graph, 3), self._input_buffer(graph, 4)
+            return own[base + 3], own[base + 4]
+        return self._buffer(graph, "input", base + 3, device), self._buffer(graph, "input", base + 4, device)
 
-    def _input_buffer(self, graph: str, index: int) -> Tensor:
-        """Device memory for a graph input at its max shape (zeroed by sail)."""
-        shape, dtype = self._engine.get_input_shape(graph, index), self._engine.get_input_dtype(graph, index)
-        return self._sail.Tensor(self._handle, shape, dtype, False, True)
+    def _zero_kv(self) -> None:
+        for pairs in self._kv:
+            for past_k, past_v in pairs:
+                past_k.zeros()
+                past_v.zeros()
 
-    def _output_buffer(self, graph: str) -> Tensor:
-        shape, dtype = self._engine.get_output_shape(graph, 0), self._engine.get_output_dtype(graph, 0)
-        return self._sail.Tensor(self._handle, shape, dtype, False, True)
+    def _per_device(self, graph: str, side: str, index: int, stride: int) -> list[Tensor]:
+        return [
+            self._buffer(graph, side, stride * device + index, device) for device in range(len(self._handles))
+        ]
+
+    def _buffer(self, graph: str, side: str, index: int, device: int) -> Tensor:
+        """Device memory for a graph input or output at its max shape (zeroed by sail, no mirror)."""
+        if side == "input":
+            shape, dtype = (
+                self._engine.get_input_shape(graph, index),
+                self._engine.get_input_dtype(graph, index),
+            )
+        else:
+            shape, dtype = (
+                self._engine.get_output_shape(graph, index),
+                self._engine.get_output_dtype(graph, index),
+            )
+        return self._sail.Tensor(self._handles[device], shape, dtype, False, True)
 
 
-class _HostInput:
-    """A graph input written from the host into a device buffer of the input's max shape, through a
-    view of the step's shape. The copy is skipped when the values are those already there: every
-    layer of a step gets the same positions and mask, and only this object writes the buffer."""
+def _same(a: object, b: object) -> bool:
+    """The same decode position (an int), or the very same prefill position array."""
+    return a == b if isinstance(a, int) else a is b
 
-    def __init__(self, sail: ModuleType, buffer: Tensor, dtype: Any) -> None:
-        self._sail, self._buffer, self._dtype = sail, buffer, dtype
-        self._view: Tensor | None = None
-        self._values: np.ndarray | None = None
 
-    def put(self, values: np.ndarray) -> Tensor:
-        if (
-            self._view is None
-            or values.shape != self._values.shape
-            or not np.array_equal(values, self._values)
-        ):
-            view = self._sail.Tensor(self._buffer, list(values.shape), 0)
-            view.update_data(_to_device(self._sail, values, self._dtype))
-            self._view, self._values = view, values.copy()
-        return self._view
-
-    def forget(self) -> None:
-        """The buffer's contents are unknown: the next put writes it whatever the values."""
-        self._view = self._values = None
+def _first_token(values: np.ndarray) -> np.ndarray:
+    """A token-id head's output ([1], [1, 1], or top-k ids [1, K] best first) as int32 [1]."""
+    return values.reshape(-1)[:1].astype(np.int32)
 
 
 def _to_device(sail: ModuleType, values: np.ndarray, dtype: Any) -> np.ndarray:
-    """Host values in the graph input's dtype; sail takes 16-bit floats as their raw bits."""
+    """Host values in a graph input's dtype; sail takes 16-bit floats as their raw bits."""
     if dtype == sail.Dtype.BM_INT32:
         return values.astype(np.int32)
     if dtype == sail.Dtype.BM_FLOAT32:
@@ -249,19 +406,7 @@ def _to_float32(sail: ModuleType, values: np.ndarray, dtype: Any) -> np.ndarray:
         return values.view(np.float16).astype(np.float32)
     if dtype == sail.Dtype.BM_BFLOAT16:
         return (values.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    raise ValueError(f"unsupported lm_head output dtype {dtype}")
-
-
-def _layer_count(graph_names: Iterable[str], name: str) -> int:
-    """The number of decoder layers, checking that every graph the contract needs is there."""
-    names = set(graph_names)
-    layers = sum(1 for graph in names if _BLOCK_NAME.fullmatch(graph))
-    required = {EMBEDDING, EMBEDDING_CACHE, LM_HEAD}
-    required |= {f"block_{i}" for i in range(layers)} | {f"block_cache_{i}" for i in range(layers)}
-    missing = sorted(required - names)
-    if layers == 0 or missing:
-        raise ValueError(f"{name}: not a Qwen/Llama bmodel: missing graphs {missing or ['block_0']}")
-    return layers
+    raise ValueError(f"unsupported graph output dtype {dtype}")
 
 
 def _expect_shape(what: str, array: np.ndarray, shape: tuple[int, ...]) -> None:

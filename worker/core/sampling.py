@@ -35,6 +35,11 @@ class SamplingConfig:
         if self.penalty_window < 0:
             raise ValueError(f"penalty_window must be >= 0, got {self.penalty_window}")
 
+    @property
+    def is_greedy(self) -> bool:
+        """The pick is the plain argmax of the logits (no draw, no penalty)."""
+        return self.temperature == 0.0 and (self.repetition_penalty == 1.0 or self.penalty_window == 0)
+
 
 class Sampler:
     """A TokenPicker (see driver.py) for one request."""
