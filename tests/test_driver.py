@@ -163,10 +163,12 @@ def test_token_id_head_is_used_as_is(weights):
 
 @pytest.mark.parametrize("prompt", [[], list(range(SEQ_LEN))], ids=["empty", "full"])
 def test_prompts_that_leave_no_room_are_refused(weights, prompt):
+    graphs = probe(weights)
     with pytest.raises(ValueError) as refused:
-        Generation(probe(weights), prompt, greedy, 10, (), threading.Event())
-    expected = f"prompt of {len(prompt)} tokens must be 1..{SEQ_LEN - 1} (seq_len {SEQ_LEN})"
-    assert str(refused.value) == expected
+        Generation(graphs, prompt, greedy, 10, (), threading.Event())
+    prefill = graphs.spec.prefill_length
+    expected = f"prompt of {len(prompt)} tokens must be 1..{min(prefill, SEQ_LEN - 1)} (seq_len {SEQ_LEN}, "
+    assert str(refused.value) == f"{expected}prefill length {prefill})"
 
 
 def test_the_shortest_and_longest_prompts_and_answers_are_accepted(weights):
