@@ -160,6 +160,8 @@ def test_max_new_tokens_gives_length(weights, tiny_chat_tokenizer):
     chunks = ask(make_engine(weights, tiny_chat_tokenizer), max_new_tokens=5)
     assert chunks[-1].finish_reason is FinishReason.LENGTH
     assert chunks[-1].completion_tokens == 5
+    (one,) = ask(make_engine(weights, tiny_chat_tokenizer), max_new_tokens=1)  # the smallest answer
+    assert (one.completion_tokens, one.finish_reason) == (1, FinishReason.LENGTH)
 
 
 def test_seeded_sampling_is_reproducible(weights, tiny_chat_tokenizer):
@@ -181,8 +183,9 @@ def long_conversation() -> tuple[Turn, ...]:
 
 
 def test_context_overflow_drops_the_oldest_turns_and_keeps_system_and_last_user_turn(
-    weights, tiny_chat_tokenizer
+    weights, tiny_chat_tokenizer, caplog
 ):
+    caplog.set_level(logging.INFO, logger="worker.core.llm_engine")
     history = long_conversation()
     system = "You tell short stories."
     whole = len(prompt_ids(tiny_chat_tokenizer, history, system))
@@ -204,6 +207,7 @@ def test_context_overflow_drops_the_oldest_turns_and_keeps_system_and_last_user_
     )
     assert chunks[-1].finish_reason is FinishReason.LENGTH
     assert chunks[-1].completion_tokens == seq_len - fitting  # the context, not max_new_tokens, ended it
+    assert f"tiny-chat: dropped {kept_from} oldest turns to fit the context" in caplog.messages
 
 
 def test_a_last_turn_too_long_for_the_context_is_refused(weights, tiny_chat_tokenizer):
