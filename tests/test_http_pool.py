@@ -189,7 +189,9 @@ def test_request_ids_go_in_and_out_and_name_the_front_in_the_log(pool: Pool, cli
     )
     assert raw.headers["x-request-id"] == "http-trace-7"
     assert raw.parse().id == "chatcmpl-http-trace-7"
-    pool.supervisor.wait_for_log(r"request http-trace-7: http /v1/chat/completions OK, finish length")
+    pool.supervisor.wait_for_log(
+        r"request http-trace-7: http /v1/chat/completions OK, model tiny-chat, finish length"
+    )
 
 
 def test_models_health_and_metrics_share_the_port(pool: Pool, client: openai.OpenAI) -> None:
