@@ -368,7 +368,7 @@ def _check_device_ids(devices: tuple[int | str, ...]) -> None:
 class AdminConfig:
     """The operators' gRPC admin service (protos/admin.proto, router/admin.py)."""
 
-    listen: str = "127.0.0.1:18001"  # loopback: the admin API has no authentication of its own
+    listen: str = "127.0.0.1:18001"  # loopback; off it, give it security.admin_api_keys_file and TLS
     # The longest an operation waits to take effect (workers loading a model, requests finishing).
     operation_timeout_s: float = 300.0
 

@@ -163,7 +163,9 @@ async def _refuse(
     context: grpc.aio.ServicerContext, call: Call, code: grpc.StatusCode, message: str
 ) -> NoReturn:
     await context.send_initial_metadata(call.response_metadata())
-    await context.abort(code, message)
+    # In the trailers too: a grpc.aio client that gets the status right behind the initial metadata
+    # may drop the latter (seen on a loaded machine), and a refused client needs the id most.
+    await context.abort(code, message, trailing_metadata=call.response_metadata())
 
 
 async def _next_update(job: Job, context: grpc.aio.ServicerContext) -> Update:

@@ -4,11 +4,11 @@
         [--client-ca ca.crt] --out secrets.yaml
     kubectl apply -f secrets.yaml && rm secrets.yaml
 
-Missing keys are made in --keys first (scripts/keygen.py: CURVE keypairs `router` and `worker`, an
-API key file `api_keys`); existing ones are kept, so rotating is: edit or add files in --keys, run
-again, apply, then `kill -HUP 1` in the router pod (README "Deploying on several hosts"). Every
-`*.key` file in --keys/allowed/ is a worker public key the router accepts; `worker.key` is put there
-on first use. The output holds secrets: it is written mode 600.
+Missing keys are made in --keys first (scripts/keygen.py: CURVE keypairs `router` and `worker`, API
+key files `api_keys` for clients and `admin_api_keys` for operators); existing ones are kept, so
+rotating is: edit or add files in --keys, run again, apply, then `kill -HUP 1` in the router pod
+(README "Deploying on several hosts"). Every `*.key` file in --keys/allowed/ is a worker public key
+the router accepts; `worker.key` is put there on first use. The output holds secrets: it is written mode 600.
 """
 
 from __future__ import annotations
@@ -37,11 +37,12 @@ def ensure_keys(folder: Path) -> None:
     if not allowed.exists():
         allowed.mkdir(mode=0o700)
         (allowed / "worker.key").write_bytes((folder / "worker.key").read_bytes())
-    api_keys = folder / "api_keys"
-    if not api_keys.exists():
-        descriptor = os.open(api_keys, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "w", encoding="ascii") as file:
-            file.write(f"{new_api_key()}\n")
+    for name in ("api_keys", "admin_api_keys"):
+        api_keys = folder / name
+        if not api_keys.exists():
+            descriptor = os.open(api_keys, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "w", encoding="ascii") as file:
+                file.write(f"{new_api_key()}\n")
 
 
 def secret(name: str, files: dict[str, Path], kind: str = "Opaque") -> dict:
@@ -64,6 +65,7 @@ def secrets(keys: Path, tls_cert: Path, tls_key: Path, client_ca: Path | None) -
     return [
         secret("bm-pool-tls", tls_files, "kubernetes.io/tls"),
         secret("bm-pool-api-keys", {"api_keys": keys / "api_keys"}),
+        secret("bm-pool-admin-keys", {"admin_api_keys": keys / "admin_api_keys"}),
         secret("bm-pool-curve-router", {"router.key_secret": keys / "router.key_secret"}),
         secret("bm-pool-curve-allowed", allowed),
         secret(

@@ -65,7 +65,7 @@ TARGETS = (
             for name in ("_on_message", "_on_generate", "_on_cancel", "_deliver", "_on_chunk", "_abandon")
         ),
     ),
-    Target("worker/core/driver.py", ("tests/test_driver.py",)),
+    Target("worker/core/driver.py", ("tests/test_driver.py", "tests/test_llm_engine.py")),
     Target("worker/core/sampling.py", ("tests/test_sampling.py",)),
     Target("worker/core/detokenizer.py", ("tests/test_detokenizer.py",)),
     Target("worker/core/stop_strings.py", ("tests/test_stop_strings.py",)),

@@ -3,14 +3,16 @@
     .venv/bin/python scripts/poolctl.py [--admin HOST:PORT] [--json] status
     .venv/bin/python scripts/poolctl.py scale DEVICE N        # or: scale --model NAME N
     .venv/bin/python scripts/poolctl.py cordon DEVICE | uncordon DEVICE | drain DEVICE | reload
-    BM_POOL_ADMIN_KEY=... .venv/bin/python scripts/poolctl.py --admin pool.example:18001 --ca ca.crt status
+
+A secured admin API (README "Security"): `--api-key-file FILE` (or the key in the environment,
+BM_POOL_API_KEY) sends `authorization: Bearer <key>`; `--tls-ca CA.pem` speaks TLS, trusting that
+CA; `--tls-cert` and `--tls-key` add a client certificate for mutual TLS; `--tls-server-name` is
+the host name in the certificate when --admin names the host otherwise (e.g. through a port-forward).
 
 Each command returns once the pool has done it. Exit 0 on success; otherwise the reason on stderr
 and a non-zero code: 2 bad usage, 3 not found (unknown device or model), 4 refused (e.g. the CPU
-core budget, an invalid config), 5 not done in time, 6 not authenticated (no or a wrong API key),
-1 anything else (e.g. no admin API there). With TLS on the fronts (security.tls), --ca (or --tls)
-and, for mutual TLS, --cert and --key; with API keys, the key in BM_POOL_ADMIN_KEY (or
-BM_POOL_API_KEY, which scripts/chat.py reads too): never on the command line.
+core budget, an invalid config), 5 not done in time, 6 no or wrong API key, 1 anything else (e.g.
+no admin API there, or a TLS handshake that failed).
 """
 
 from __future__ import annotations
@@ -30,15 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: m
 from protos import admin_pb2, admin_pb2_grpc
 
 DEFAULT_ADMIN = "127.0.0.1:18001"
-# The key comes from the environment, so it shows in neither `ps` nor the shell's history.
-API_KEY_VARIABLES = ("BM_POOL_ADMIN_KEY", "BM_POOL_API_KEY")
+API_KEY_VARIABLE = "BM_POOL_API_KEY"  # as scripts/chat.py: a key in the environment is not in `ps`
 EXIT_CODES = {
-    grpc.StatusCode.UNAUTHENTICATED: 6,
-    grpc.StatusCode.PERMISSION_DENIED: 6,
     grpc.StatusCode.INVALID_ARGUMENT: 4,
     grpc.StatusCode.NOT_FOUND: 3,
     grpc.StatusCode.FAILED_PRECONDITION: 4,
     grpc.StatusCode.DEADLINE_EXCEEDED: 5,
+    grpc.StatusCode.UNAUTHENTICATED: 6,
 }
 WORKER_COLUMNS = (
     ("worker_id", "WORKER"),
@@ -67,21 +67,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _channel(args: argparse.Namespace) -> grpc.Channel:
-    """Plain text, or TLS when --tls or --ca is given (--cert/--key: a client certificate for mTLS)."""
-    if not (args.tls or args.ca):
+    """Plain text, or TLS trusting --tls-ca (with --tls-cert/--tls-key: a client certificate)."""
+    if args.tls_ca is None:
         return grpc.insecure_channel(args.admin)
-    ca, cert, key = (Path(path).read_bytes() if path else None for path in (args.ca, args.cert, args.key))
-    return grpc.secure_channel(args.admin, grpc.ssl_channel_credentials(ca, key, cert))
-
-
-def _key_metadata() -> tuple[tuple[str, str], ...]:
-    """The API key of the environment, if any, as the metadata of every call."""
-    key = next((os.environ[name] for name in API_KEY_VARIABLES if os.environ.get(name)), None)
-    return (("authorization", f"Bearer {key}"),) if key else ()
+    ca, cert, key = args.tls_files
+    # The name in the certificate, when --admin names the host otherwise (e.g. through a port-forward).
+    options = [("grpc.ssl_target_name_override", args.tls_server_name)] if args.tls_server_name else []
+    return grpc.secure_channel(args.admin, grpc.ssl_channel_credentials(ca, key, cert), options)
 
 
 def _run(stub: admin_pb2_grpc.PoolAdminStub, args: argparse.Namespace) -> int:
-    options = {"timeout": args.timeout, "metadata": _key_metadata()}
+    options = {"timeout": args.timeout, "metadata": args.metadata}
     if args.command == "status":
         _show_status(stub.Status(admin_pb2.StatusRequest(), **options), args.json)
     elif args.command == "scale":
@@ -187,10 +183,15 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--timeout", type=float, default=600.0, help="seconds to wait for the pool (default 600)"
     )
-    parser.add_argument("--tls", action="store_true", help="TLS, trusting the system's CAs")
-    parser.add_argument("--ca", help="TLS, trusting this PEM CA")
-    parser.add_argument("--cert", help="a PEM client certificate (mutual TLS), with --key")
-    parser.add_argument("--key", help="its PEM private key")
+    parser.add_argument(
+        "--api-key-file", help=f"a file holding the admin API key (default: ${API_KEY_VARIABLE}, if set)"
+    )
+    parser.add_argument("--tls-ca", help="speak TLS to the admin API, trusting this PEM CA")
+    parser.add_argument("--tls-cert", help="a PEM client certificate (mutual TLS), with --tls-key")
+    parser.add_argument("--tls-key", help="its PEM private key")
+    parser.add_argument(
+        "--tls-server-name", help="the host name in the admin API's certificate, if --admin differs"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("status", help="every host agent, device and worker, and the queue per model")
     scale = commands.add_parser(
@@ -207,12 +208,47 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         commands.add_parser(name, help=text).add_argument("device", help="device id")
     commands.add_parser("reload", help="re-read the config file(s) and apply the difference")
     args = parser.parse_args(argv)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    if (args.tls_cert is not None or args.tls_server_name is not None) and args.tls_ca is None:
+        parser.error("--tls-cert and --tls-server-name need --tls-ca (the CA of the admin API's certificate)")
+    key = _read_api_key(parser, args.api_key_file) if args.api_key_file else os.environ.get(API_KEY_VARIABLE)
+    args.metadata = (("authorization", f"Bearer {key}"),) if key else ()
+    args.tls_files = tuple(
+        _read_pem(parser, flag, path)
+        for flag, path in (
+            ("--tls-ca", args.tls_ca),
+            ("--tls-cert", args.tls_cert),
+            ("--tls-key", args.tls_key),
+        )
+    )
     if args.command == "scale":
         if (args.device is None) == (args.model is None):
             parser.error("scale needs either DEVICE or --model NAME")
         if args.workers < 0:
             parser.error("scale: the number of workers must be >= 0")
     return args
+
+
+def _read_pem(parser: argparse.ArgumentParser, flag: str, path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        parser.error(f"{flag} {path}: cannot read it: {error.strerror or error}")
+
+
+def _read_api_key(parser: argparse.ArgumentParser, path: str) -> str:
+    """The first key line of `path` ('#' comment and blank lines skipped, as in the router's key file)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        parser.error(f"--api-key-file {path}: cannot read it: {error}")
+    for line in lines:
+        if line.strip() and not line.strip().startswith("#"):
+            return line.strip()
+    parser.error(f"--api-key-file {path}: holds no key")
 
 
 if __name__ == "__main__":

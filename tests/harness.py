@@ -36,7 +36,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protos import inference_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[1]
-WAIT_S = 30.0  # generous upper bound for anything to happen on a loaded 2-core CI machine
+WAIT_S = 90.0  # generous upper bound for anything to happen on a loaded 2-core CI machine (a model load)
 
 
 def free_port() -> int:

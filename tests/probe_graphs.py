@@ -26,6 +26,7 @@ class ProbeGraphs:
         self.spec = replace(inner.spec, head=HeadKind.TOKEN_ID) if greedy_head else inner.spec
         self.calls: list[Call] = []
         self.fail_at_call: int | None = None  # raise when this many calls have been made (once)
+        self.forced_tokens: dict[int, int] = {}  # lm_head call number (from 1) -> the token it must favour
 
     def _record(self, graph: str, *args: object) -> None:
         self.calls.append(Call(graph, tuple(a.copy() if isinstance(a, np.ndarray) else a for a in args)))
@@ -61,6 +62,10 @@ class ProbeGraphs:
     def lm_head(self, hidden: np.ndarray, index: int) -> np.ndarray:
         self._record("lm_head", index)
         logits = self.inner.lm_head(hidden, index)
+        forced = self.forced_tokens.get(len(self.named("lm_head")))
+        if forced is not None:  # e.g. an end-of-sequence token, which the tiny model never picks itself
+            logits = logits.copy()
+            logits[..., forced] = logits.max() + 100.0
         if self.spec.head is HeadKind.TOKEN_ID:
             return np.array([np.argmax(logits)], dtype=np.int32)
         return logits

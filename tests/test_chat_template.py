@@ -125,3 +125,13 @@ def test_named_templates_take_the_default():
         select_template([{"name": "rag", "template": "R"}], "cfg")
     with pytest.raises(ValueError, match="must be a string or a list"):
         select_template(42, "cfg")
+
+
+def test_tojson_takes_the_arguments_templates_pass_it():
+    source = (
+        "{{ {'b': 1, 'a': '好'} | tojson }}|{{ {'b': 1, 'a': '好'} | tojson(sort_keys=true) }}|"
+        "{{ [1, 2] | tojson(indent=1) }}|{{ {'a': 1} | tojson(separators=(',', ':')) }}|"
+        "{{ '好' | tojson(ensure_ascii=true) }}"
+    )
+    rendered = ChatTemplate(source, origin="t").render("", [Turn(USER, "hi")])
+    assert rendered == '{"b": 1, "a": "好"}|{"a": "好", "b": 1}|[\n 1,\n 2\n]|{"a":1}|"\\u597d"'

@@ -76,8 +76,37 @@ def container(kind: str, name: str) -> dict[str, Any]:
 def test_the_config_map_is_a_valid_secure_pool_config(tmp_path):
     config = pool_config(tmp_path)
     assert config.security.tls.enabled and config.security.api_keys_file
+    assert config.security.admin_api_keys_file not in (None, config.security.api_keys_file)
     assert config.security.curve.enabled and not config.security.trusted_network
-    assert config.router.health_listen and config.router.metrics_listen
+    assert config.router.health_listen and config.router.metrics_listen and config.http.listen
+
+
+def listeners(config: PoolConfig) -> dict[str, int]:
+    """The router's listening ports by the container port name that must carry each."""
+    router = config.router
+    assert router.health_listen and router.metrics_listen and config.http.listen
+    return {
+        "grpc": port_of(router.listen),
+        "workers": port_of(router.zmq_bind),
+        "health": port_of(router.health_listen),
+        "metrics": port_of(router.metrics_listen),
+        "http": port_of(config.http.listen),
+        "admin": port_of(config.admin.listen),
+    }
+
+
+def test_every_listener_has_its_own_port_and_the_network_policy_admits_each(tmp_path):
+    """Two listeners on one port would stop the router at start (the health port and the admin API
+    once shared 18001); the NetworkPolicy must admit exactly the ports the router listens on."""
+    ports = listeners(pool_config(tmp_path))
+    assert len(set(ports.values())) == len(ports), ports
+    policy = resource("NetworkPolicy", "bm-pool-router")["spec"]
+    admitted = {port["port"] for rule in policy["ingress"] for port in rule["ports"]}
+    assert admitted == set(ports.values())
+    (admin_rule,) = [
+        rule for rule in policy["ingress"] if {"port": ports["admin"], "protocol": "TCP"} in rule["ports"]
+    ]
+    assert admin_rule["ports"] == [{"port": ports["admin"], "protocol": "TCP"}] and admin_rule["from"]
 
 
 def test_router_ports_probes_and_scrape_annotations_agree_with_the_config(tmp_path):
@@ -85,10 +114,7 @@ def test_router_ports_probes_and_scrape_annotations_agree_with_the_config(tmp_pa
     config = pool.router
     router = container("Deployment", "bm-pool-router")
     ports = {port["name"]: port["containerPort"] for port in router["ports"]}
-    assert ports["grpc"] == port_of(config.listen)
-    assert ports["http"] == port_of(pool.http.listen)
-    assert ports["workers"] == port_of(config.zmq_bind)
-    assert ports["metrics"] == port_of(config.metrics_listen)
+    assert ports == listeners(pool)
     assert router["readinessProbe"]["grpc"] == {"port": port_of(config.health_listen)}
     assert router["livenessProbe"]["grpc"] == {
         "port": port_of(config.health_listen),
@@ -150,6 +176,7 @@ def test_the_secrets_made_by_the_script_are_valid_and_hold_every_key_file_the_co
     security = pool_config(tmp_path).security
     curve = security.curve
     for path in (security.tls.cert_file, security.tls.key_file, security.api_keys_file,
+                 security.admin_api_keys_file,
                  curve.router_secret_key, curve.worker_secret_key, curve.router_public_key):  # fmt: skip
         assert path in files, f"{path} is in no Secret the pods mount"
     allowed = [content for path, content in files.items() if path.startswith(curve.allowed_workers_dir + "/")]
@@ -171,6 +198,20 @@ def test_the_dockerfile_copies_what_exists():
         if line.startswith("COPY "):
             for source in line.split()[1:-1]:
                 assert (REPO / source).exists(), f"COPY {source}: not in the repository"
+
+
+def test_the_image_compiles_every_proto_and_has_poolctl(tmp_path):
+    """The router imports protos/admin_pb2 (the admin API): an image without it cannot start; the
+    image exposes every port the ConfigMap listens on."""
+    dockerfile = (REPO / "deploy" / "Dockerfile").read_text()
+    (protoc,) = [line for line in dockerfile.splitlines() if "grpc_tools.protoc" in line]
+    named = {word for word in protoc.split() if word.startswith("protos/")}
+    assert named == {"protos/*.proto"} or named == {
+        str(path.relative_to(REPO)) for path in (REPO / "protos").glob("*.proto")
+    }
+    assert "scripts/poolctl.py" in dockerfile
+    (expose,) = [line for line in dockerfile.splitlines() if line.startswith("EXPOSE ")]
+    assert {int(port) for port in expose.split()[1:]} == set(listeners(pool_config(tmp_path)).values())
 
 
 def run_entrypoint(dev_dir: Path, **env: str) -> subprocess.CompletedProcess[str]:

@@ -161,7 +161,19 @@ def test_token_id_head_is_used_as_is(weights):
     assert tokens == expected
 
 
-@pytest.mark.parametrize(("prompt", "message"), [([], "prompt of 0"), (list(range(SEQ_LEN)), "prompt of 16")])
-def test_prompts_that_leave_no_room_are_refused(weights, prompt, message):
-    with pytest.raises(ValueError, match=message):
-        Generation(probe(weights), prompt, greedy, 10, (), threading.Event())
+@pytest.mark.parametrize("prompt", [[], list(range(SEQ_LEN))], ids=["empty", "full"])
+def test_prompts_that_leave_no_room_are_refused(weights, prompt):
+    graphs = probe(weights)
+    with pytest.raises(ValueError) as refused:
+        Generation(graphs, prompt, greedy, 10, (), threading.Event())
+    prefill = graphs.spec.prefill_length
+    expected = f"prompt of {len(prompt)} tokens must be 1..{min(prefill, SEQ_LEN - 1)} (seq_len {SEQ_LEN}, "
+    assert str(refused.value) == f"{expected}prefill length {prefill})"
+
+
+def test_the_shortest_and_longest_prompts_and_answers_are_accepted(weights):
+    assert len(run(probe(weights), prompt=[5], max_new_tokens=1)[0]) == 1
+    tokens, generation = run(probe(weights), prompt=list(range(1, SEQ_LEN)), max_new_tokens=10)
+    assert len(tokens) == 1 and generation.finish_reason is FinishReason.LENGTH  # the context is full
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 1, got 0"):
+        Generation(probe(weights), PROMPT, greedy, 0, (), threading.Event())

@@ -92,7 +92,7 @@ def test_clients_that_stop_reading_block_no_one_and_lose_nothing(procs, tmp_path
     backlogs = []
     for word, client in zip(big_words, clients, strict=True):
         client.signal(signal.SIGCONT)
-        ending = client.wait_for_log(r"ended .*").group(0)
+        ending = client.wait_for_log(r"ended .*\n").group(0).rstrip("\n")
         digest = hashlib.sha256(expected_text(word, ANSWER_TOKENS).encode()).hexdigest()
         frames = re.fullmatch(rf"ended OK STOP (\d+) frames, text sha256 {digest}", ending)
         assert frames, ending

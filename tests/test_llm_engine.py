@@ -94,10 +94,74 @@ def test_stop_strings_cut_the_answer_exactly(weights, tiny_chat_tokenizer, greed
     assert all(chunk.text for chunk in chunks[:-1])
 
 
+def test_a_stop_string_ends_with_the_counts_of_the_tokens_it_took(
+    weights, tiny_chat_tokenizer, greedy_answer
+):
+    engine, graphs = probed_engine(weights, tiny_chat_tokenizer)
+    stop = greedy_answer[20:25]
+    chunks = ask(engine, max_new_tokens=40, stop=(stop,))
+    assert chunks[-1].finish_reason is FinishReason.STOP
+    assert chunks[-1].completion_tokens == len(graphs.named("lm_head")) < 40  # every token decoded so far
+    assert chunks[-1].prompt_tokens == len(prompt_ids(tiny_chat_tokenizer, QUESTION))
+
+
+def test_an_end_of_sequence_token_ends_the_answer_and_is_counted(weights, tiny_chat_tokenizer):
+    engine, graphs = probed_engine(weights, tiny_chat_tokenizer)
+    (eos,) = sorted(tiny_chat_tokenizer.eos_token_ids)[:1]
+    graphs.forced_tokens[4] = eos  # three answer tokens, then end of sequence
+    chunks = ask(engine, max_new_tokens=40)
+    assert text_of(chunks) == text_of(ask(make_engine(weights, tiny_chat_tokenizer), max_new_tokens=3))
+    assert chunks[-1].finish_reason is FinishReason.STOP
+    assert chunks[-1].completion_tokens == 4  # the end-of-sequence token counts (as vLLM counts it)
+    assert chunks[-1].prompt_tokens == len(prompt_ids(tiny_chat_tokenizer, QUESTION))
+    assert [chunk.completion_tokens for chunk in chunks[:-1]] == sorted(
+        {c.completion_tokens for c in chunks[:-1]}
+    )
+
+
+def test_the_configured_sampling_defaults_apply_to_what_a_request_leaves_out(weights, tiny_chat_tokenizer):
+    greedy = text_of(ask(make_engine(weights, tiny_chat_tokenizer), max_new_tokens=12))
+    # top_k 1 from the defaults: sampling that can only pick the best token, i.e. greedy.
+    top_k_one = GenerationDefaults(temperature=1.0, top_k=1, top_p=1.0, repetition_penalty=1.0, seed=3)
+    assert (
+        text_of(ask(make_engine(weights, tiny_chat_tokenizer, defaults=top_k_one), max_new_tokens=12))
+        == greedy
+    )
+    # A tiny top_p from the defaults does the same; the configured seed makes sampling reproducible.
+    top_p_tiny = GenerationDefaults(temperature=1.0, top_k=0, top_p=1e-6, repetition_penalty=1.0, seed=3)
+    assert (
+        text_of(ask(make_engine(weights, tiny_chat_tokenizer, defaults=top_p_tiny), max_new_tokens=12))
+        == greedy
+    )
+    seeded = GenerationDefaults(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=3)
+    answers = {
+        text_of(ask(make_engine(weights, tiny_chat_tokenizer, defaults=seeded), max_new_tokens=12))
+        for _ in "ab"
+    }
+    assert len(answers) == 1 and greedy not in answers
+    # A repetition penalty from the defaults changes the greedy answer; a penalty window of 0 turns it off.
+    penalized = GenerationDefaults(temperature=0.0, repetition_penalty=5.0, penalty_window=64)
+    assert (
+        text_of(ask(make_engine(weights, tiny_chat_tokenizer, defaults=penalized), max_new_tokens=12))
+        != greedy
+    )
+    # The request's own values win over the defaults.
+    engine = make_engine(weights, tiny_chat_tokenizer, defaults=seeded)
+    assert text_of(ask(engine, max_new_tokens=12, top_k=1)) == greedy
+    assert text_of(ask(engine, max_new_tokens=12, temperature=0.0, repetition_penalty=5.0)) != greedy
+    no_window = GenerationDefaults(temperature=0.0, repetition_penalty=5.0, penalty_window=0)
+    assert (
+        text_of(ask(make_engine(weights, tiny_chat_tokenizer, defaults=no_window), max_new_tokens=12))
+        == greedy
+    )
+
+
 def test_max_new_tokens_gives_length(weights, tiny_chat_tokenizer):
     chunks = ask(make_engine(weights, tiny_chat_tokenizer), max_new_tokens=5)
     assert chunks[-1].finish_reason is FinishReason.LENGTH
     assert chunks[-1].completion_tokens == 5
+    (one,) = ask(make_engine(weights, tiny_chat_tokenizer), max_new_tokens=1)  # the smallest answer
+    assert (one.completion_tokens, one.finish_reason) == (1, FinishReason.LENGTH)
 
 
 def test_seeded_sampling_is_reproducible(weights, tiny_chat_tokenizer):
@@ -119,8 +183,9 @@ def long_conversation() -> tuple[Turn, ...]:
 
 
 def test_context_overflow_drops_the_oldest_turns_and_keeps_system_and_last_user_turn(
-    weights, tiny_chat_tokenizer
+    weights, tiny_chat_tokenizer, caplog
 ):
+    caplog.set_level(logging.INFO, logger="worker.core.llm_engine")
     history = long_conversation()
     system = "You tell short stories."
     whole = len(prompt_ids(tiny_chat_tokenizer, history, system))
@@ -142,6 +207,7 @@ def test_context_overflow_drops_the_oldest_turns_and_keeps_system_and_last_user_
     )
     assert chunks[-1].finish_reason is FinishReason.LENGTH
     assert chunks[-1].completion_tokens == seq_len - fitting  # the context, not max_new_tokens, ended it
+    assert f"tiny-chat: dropped {kept_from} oldest turns to fit the context" in caplog.messages
 
 
 def test_a_last_turn_too_long_for_the_context_is_refused(weights, tiny_chat_tokenizer):
@@ -214,11 +280,19 @@ def test_greedy_only_head_refuses_sampling_requests(weights, tiny_chat_tokenizer
         with pytest.raises(RequestError, match="greedy decoding compiled into its bmodel"):
             ask(engine, max_new_tokens=40, **params)
 
+    with pytest.raises(RequestError) as refused:
+        ask(engine, max_new_tokens=40, temperature=0.7, top_k=40, top_p=0.5, repetition_penalty=1.2)
+    assert str(refused.value) == (
+        "model tiny-chat has greedy decoding compiled into its bmodel (lm_head returns token ids), so "
+        "sampling cannot be applied: remove temperature, top_k, top_p, repetition_penalty from the request "
+        "or use temperature 0"
+    )
+
     # Config defaults (temperature 0.7) do not apply; neutral explicit values are accepted.
     assert text_of(ask(engine, max_new_tokens=40)) == greedy_answer
-    assert (
-        text_of(ask(engine, max_new_tokens=40, temperature=0.0, top_k=1, top_p=1.0, seed=5)) == greedy_answer
-    )
+    neutral = {"temperature": 0.0, "top_p": 1.0, "repetition_penalty": 1.0, "seed": 5}
+    for top_k in (0, 1):
+        assert text_of(ask(engine, max_new_tokens=40, top_k=top_k, **neutral)) == greedy_answer
 
 
 @pytest.mark.parametrize(

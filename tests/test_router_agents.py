@@ -246,9 +246,9 @@ async def test_poolctl_speaks_tls_and_sends_the_admin_key_from_the_environment(t
     await server.start()
     try:
         address = f"127.0.0.1:{server.admin_port}"
-        no_key = await poolctl(address, "--ca", str(tls.ca_cert), "--json", "status")
+        no_key = await poolctl(address, "--tls-ca", str(tls.ca_cert), "--json", "status")
         assert no_key[0] == 6 and "UNAUTHENTICATED" in no_key[2]
-        with_key = await poolctl(address, "--ca", str(tls.ca_cert), "--json", "status", key=GOOD_KEY)
+        with_key = await poolctl(address, "--tls-ca", str(tls.ca_cert), "--json", "status", key=GOOD_KEY)
         assert with_key[:2] == (0, "[]\n")
         plain = await poolctl(address, "--timeout", "3", "status", key=GOOD_KEY)
         assert plain[0] == 1 and "UNAVAILABLE" in plain[2]
@@ -260,7 +260,7 @@ async def poolctl(address: str, *args: str, key: str | None = None) -> tuple[int
     """(exit code, stdout, stderr) of scripts/poolctl.py, run while this event loop serves the router."""
     env = {k: v for k, v in os.environ.items() if k not in ("BM_POOL_ADMIN_KEY", "BM_POOL_API_KEY")}
     if key is not None:
-        env["BM_POOL_ADMIN_KEY"] = key
+        env["BM_POOL_API_KEY"] = key
     process = await asyncio.create_subprocess_exec(
         sys.executable, "scripts/poolctl.py", "--admin", address, *args,
         cwd=REPO, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,

@@ -4,6 +4,7 @@ and queue timeouts. Real router, real gRPC clients, emulated workers on real Zer
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import grpc
 
@@ -121,10 +122,14 @@ async def test_a_full_queue_refuses_new_calls_with_resource_exhausted():
 
 
 @async_test
-async def test_a_request_waiting_past_the_queue_timeout_fails_and_never_reaches_a_worker():
+async def test_a_request_waiting_past_the_queue_timeout_fails_and_never_reaches_a_worker(caplog):
+    caplog.set_level(logging.INFO, logger="router.calls")
     async with running_router(queue_timeout_s=0.3) as router:
         details = await expect_status(read_all(router.stream("too late")), grpc.StatusCode.DEADLINE_EXCEEDED)
         assert "queue timeout" in details and "not started" in details
+        await eventually(
+            lambda: "StreamComplete DEADLINE_EXCEEDED, finish none, worker -" in caplog.text, "the log"
+        )
         assert router.server.snapshot().queued == 0
         await router.assert_the_next_request_reaches_a_worker()
 

@@ -4,6 +4,7 @@ as a real process stopped with SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import socket
 import subprocess
@@ -84,7 +85,8 @@ async def test_reflection_lists_the_services():
 
 
 @async_test
-async def test_drain_refuses_new_calls_and_lets_open_streams_finish():
+async def test_drain_refuses_new_calls_and_lets_open_streams_finish(caplog):
+    caplog.set_level(logging.INFO, logger="router.server")
     async with running_router() as router, workers(router.endpoint, "w1") as (worker,):
         await health_becomes(router.channel, SERVING)
         call, generate = await router.started_stream(worker, "finish me")
@@ -99,6 +101,8 @@ async def test_drain_refuses_new_calls_and_lets_open_streams_finish():
         rest = await read_all(call)
         assert "".join(frame.output_text for frame in rest) == " done" and rest[-1].finished
         await drain
+    assert "draining: 1 open calls" in caplog.text
+    assert "drain timeout" not in caplog.text  # the last call's end ended the drain, not the timeout
 
 
 @async_test

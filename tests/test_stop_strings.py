@@ -75,7 +75,7 @@ def test_nothing_is_left_to_flush_after_a_stop_and_pushing_more_is_a_bug():
     stop_filter = StopStringFilter(["END"])
     assert stop_filter.push("done END and more") == "done "
     assert stop_filter.flush() == ""
-    with pytest.raises(RuntimeError, match="push after the stop string was found"):
+    with pytest.raises(RuntimeError, match=r"^push after the stop string was found$"):
         stop_filter.push("more")
     flushed = StopStringFilter(["END"])
     assert flushed.push("almost EN") == "almost "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -13,8 +14,8 @@ from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import models, pre_tokenizers, trainers
 
 from worker.core.builtin_model import builtin_model_path
-from worker.core.request import USER, Turn
-from worker.core.tokenizer import load_tokenizer
+from worker.core.request import USER, RequestError, Turn
+from worker.core.tokenizer import Tokenizer, load_tokenizer
 
 ROUND_TRIP_TEXTS = [
     "Hello, world!",
@@ -131,6 +132,30 @@ def test_vocab_json_and_merges_txt_folder(tmp_path):
     assert tokenizer.eos_token_ids == {base + 1}
     assert tokenizer.vocab_size == base + 3
     assert tokenizer.chat_template.render("", [Turn(USER, "hi")]) == "[user]hi"
+
+
+def test_a_chat_template_file_beside_the_config_wins_over_the_config_jinja_first(tmp_path):
+    """Newer transformers save chat_template.jinja (or chat_template.json) beside tokenizer_config.json."""
+    train_tiny_byte_level_bpe(tmp_path)
+    config = {"eos_token": "hello", "chat_template": "config:{{ messages[0].content }}", "bos_token": "B"}
+    write_json(tmp_path / "tokenizer_config.json", config)
+    turns = [Turn(USER, "hi 你好")]
+    assert load_tokenizer(tmp_path).chat_template.render("", turns) == "config:hi 你好"
+    write_json(
+        tmp_path / "chat_template.json", {"chat_template": "json:{{ bos_token }}{{ messages[0].content }}"}
+    )
+    assert load_tokenizer(tmp_path).chat_template.render("", turns) == "json:Bhi 你好"
+    (tmp_path / "chat_template.jinja").write_text("jinja:{{ messages[0].content }}", encoding="utf-8")
+    assert load_tokenizer(tmp_path).chat_template.render("", turns) == "jinja:hi 你好"
+    (tmp_path / "chat_template.jinja").write_text("{{ raise_exception('no') }}", encoding="utf-8")
+    with pytest.raises(RequestError, match=re.escape(str(tmp_path / "chat_template.jinja"))):
+        load_tokenizer(tmp_path).chat_template.render("", turns)
+    (tmp_path / "chat_template.jinja").unlink()
+    write_json(tmp_path / "chat_template.json", {"chat_template": 42})
+    with pytest.raises(
+        ValueError, match=re.escape(f"{tmp_path / 'chat_template.json'}: chat_template must be")
+    ):
+        load_tokenizer(tmp_path)
 
 
 def test_added_tokens_that_skip_ids_are_refused(tmp_path):
@@ -286,3 +311,28 @@ def write_gguf(path: Path, add_metadata) -> Path:
 
 def write_json(path: Path, content: dict) -> None:
     path.write_text(json.dumps(content), encoding="utf-8")
+
+
+@pytest.mark.parametrize("flag", ["lstrip", "rstrip", "single_word", "special"])
+def test_the_flags_of_added_tokens_in_tokenizer_config_are_honoured(tmp_path, flag):
+    vocab = train_tiny_byte_level_bpe(tmp_path)
+    marker = len(vocab)
+
+    def loaded(**flags: bool) -> Tokenizer:
+        entry = {"content": "<x>", "special": False, **flags}
+        write_json(
+            tmp_path / "tokenizer_config.json",
+            {"added_tokens_decoder": {str(marker): entry}, "eos_token": "<x>"},
+        )
+        return load_tokenizer(tmp_path)
+
+    plain, flagged = loaded(), loaded(**{flag: True})
+    hello, world = plain.encode("hello"), plain.encode("world")
+    if flag == "lstrip":  # the space before the token goes with it
+        assert flagged.encode("hello <x>") == [*hello, marker] != plain.encode("hello <x>")
+    elif flag == "rstrip":  # the space after it too
+        assert flagged.encode("<x> world") == [marker, *world] != plain.encode("<x> world")
+    elif flag == "single_word":  # only as a word of its own
+        assert marker not in flagged.encode("hello<x>world") and marker in plain.encode("hello<x>world")
+    else:  # special tokens are left out of decoded text
+        assert flagged.decode([*hello, marker]) == "hello" and plain.decode([*hello, marker]) == "hello<x>"

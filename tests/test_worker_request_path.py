@@ -7,6 +7,7 @@ enough for mutation testing: scripts/mutate.py runs these against worker/service
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from worker.core.paced import PacedEngine
 from worker.service import WorkerIdentity, WorkerService
 
 TOKENS = 6  # a paced answer's length
-INTERVAL_MS = 200
+INTERVAL_MS = 1000  # x liveness 3: the worker holds back its chunks after 4 s without sending
 SLOW = PacedConfig(tokens_per_second=10.0, first_token_delay_s=0.0, tokens_per_request=1000)
 
 
@@ -38,6 +39,8 @@ class Wired:
             self.service._drain_router()
 
     def start(self, request_id: str, **params: object) -> None:
+        self.marker()  # the heartbeat the loop would have sent: the worker is not overdue
+        self.until_marker()
         self.deliver_from_router(generate(request_id, "hello there", **params))
 
     def marker(self) -> None:
@@ -99,7 +102,8 @@ def test_a_generate_is_answered_with_its_chunks_then_one_final_chunk(wired):
     assert wired.peer.chunks_until_final("r2")[-1].completion_tokens == TOKENS
 
 
-def test_a_generate_while_busy_is_refused_with_an_error_naming_the_busy_request(wired):
+def test_a_generate_while_busy_is_refused_with_an_error_naming_the_busy_request(wired, caplog):
+    caplog.set_level(logging.INFO, logger="worker")
     wired.slow_down()
     wired.start("long")
     assert wired.peer.expect("chunk").request_id == "long"
@@ -111,6 +115,7 @@ def test_a_generate_while_busy_is_refused_with_an_error_naming_the_busy_request(
     assert (refusal.finish_reason, refusal.error_kind) == (pb.FINISH_ERROR, pb.ERROR_ENGINE)
     assert refusal.error_message == f"worker {WORKER_ID} is busy with request long"
     assert wired.service._current.request_id == "long"
+    assert "request second: refused, busy with request long" in worker_log(caplog)
 
 
 def test_a_generate_without_a_request_id_is_dropped(wired):
@@ -157,3 +162,60 @@ def test_chunks_of_an_abandoned_generation_are_not_sent_and_it_ends(wired):
     wired.wait_idle()  # the abandon cancels the engine: the generation ends within a token
     wired.marker()
     assert chunks_of(wired.until_marker()) == [], "a chunk of the abandoned generation went out"
+
+
+def worker_log(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.name == "worker"]
+
+
+def test_what_the_worker_does_with_each_message_is_logged_with_the_request_id(wired, caplog):
+    caplog.set_level(logging.INFO, logger="worker")
+    wired.slow_down()
+    wired.deliver_from_router(generate(""))
+    wired.start("r1")
+    wired.deliver_from_router(pb.Cancel(request_id="elsewhere"))
+    wired.deliver_from_router(pb.Heartbeat())
+    wired.deliver_from_router(pb.Hello(worker_id="confused router"))
+    wired.deliver_from_router(pb.Cancel(request_id="r1"))
+    wired.wait_idle()
+    wired.service._deliver(pb.Chunk(request_id="ghost", text="boo", completion_tokens=1))  # a bug's chunk
+    wired.marker()
+    assert "ghost" not in [getattr(message, "request_id", "") for _, message in wired.until_marker()]
+    assert worker_log(caplog)[-1] == "request ghost: chunk from the generation thread for no current request"
+    assert worker_log(caplog)[:5] == [
+        "dropped a Generate without a request id",
+        "request r1: started (1 turns)",
+        "request elsewhere: cancel for a request not running here, ignored",
+        "dropped an unexpected hello message from the router",
+        "request r1: cancel received",
+    ]
+
+
+def test_a_disconnect_abandons_the_request_and_registers_again(wired, caplog):
+    caplog.set_level(logging.INFO, logger="worker")
+    wired.slow_down()
+    wired.start("r1")
+    assert wired.peer.expect("chunk").request_id == "r1"
+    wired.deliver_from_router(pb.Disconnect(reason=""))
+    assert not wired.service._registered
+    assert wired.service._current is None or wired.service._current.abandoned
+    assert "the router disconnected this worker (no reason given); registering again" in worker_log(caplog)
+    assert "request r1: abandoned (the router disconnected this worker)" in worker_log(caplog)
+    wired.wait_idle()
+    with wired.service._lock:  # the loop's next tick: a Hello at once (the abandoned request is over)
+        wired.service._on_clock(time.monotonic())
+    assert wired.peer.expect("hello", skip=("heartbeat", "chunk")).worker_id == WORKER_ID
+
+
+def test_a_request_waiting_for_its_first_token_has_a_step_deadline_and_an_idle_disconnect_is_harmless(wired):
+    wired.service._engine._pace = PacedConfig(
+        tokens_per_second=10.0, first_token_delay_s=1.0, tokens_per_request=3
+    )
+    wired.start("r1")
+    with wired.service._lock:  # the loop's view before any token: the engine watchdog's deadline is set
+        assert wired.service._next_deadline() <= time.monotonic() + INTERVAL_MS / 1000
+        wired.service._on_clock(time.monotonic())
+    assert wired.peer.chunks_until_final("r1")[-1].completion_tokens == 3
+    wired.wait_idle()
+    wired.deliver_from_router(pb.Disconnect(reason="bye"))  # nothing to abandon
+    assert not wired.service._registered and wired.service._current is None

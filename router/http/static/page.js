@@ -2,12 +2,23 @@
 // Chat: POST /v1/chat/completions with stream: true, read as server-sent events; Stop aborts the
 // fetch, which closes the connection, which the router treats as a cancel.
 // Pool: GET /pool/status once a second; tokens/s from the change of tokens_relayed.
+// API key: when the pool has keys (security.api_keys_file) both calls need one; the page sends the
+// key typed in its field as `Authorization: Bearer`, and keeps it in sessionStorage only (this tab,
+// gone when the tab closes; never localStorage, never a cookie, never in a URL).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const turns = []; // {role, content} turns of this conversation
 let controller = null; // the AbortController of the answer being streamed
 let model = null;
+const KEY_STORAGE = "bm-pool-api-key";
+const KEY_NEEDED = "this pool needs an API key: enter it in the API key field";
+
+// The request headers, with the API key when one is set.
+function headers(extra = {}) {
+  const key = $("api_key").value.trim();
+  return key ? { ...extra, Authorization: `Bearer ${key}` } : extra;
+}
 
 function addTurn(role, text) {
   const div = document.createElement("div");
@@ -47,10 +58,11 @@ async function send() {
   try {
     const response = await fetch("/v1/chat/completions", {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers: headers({ "Content-Type": "application/json" }),
       body: JSON.stringify(body),
       signal: controller.signal,
     });
+    if (response.status === 401) throw new Error(`401: ${KEY_NEEDED}`);
     if (!response.ok) {
       const error = await response.json().catch(() => ({}));
       throw new Error(`${response.status}: ${(error.error || {}).message || response.statusText}`);
@@ -111,7 +123,13 @@ let previous = null; // the last status reading, for tokens/s
 
 async function refreshPool() {
   try {
-    const response = await fetch("/pool/status");
+    const response = await fetch("/pool/status", { headers: headers() });
+    if (response.status === 401) {
+      previous = null;
+      $("devices").textContent = KEY_NEEDED;
+      return;
+    }
+    if (!response.ok) throw new Error(`HTTP ${response.status}`);
     const status = await response.json();
     model = status.model;
     $("model").textContent = status.model;
@@ -152,6 +170,11 @@ function showDevices(workers, draining) {
   }
 }
 
+$("api_key").value = sessionStorage.getItem(KEY_STORAGE) || "";
+$("api_key").addEventListener("change", () => {
+  sessionStorage.setItem(KEY_STORAGE, $("api_key").value.trim());
+  refreshPool();
+});
 $("send").addEventListener("click", send);
 $("stop").addEventListener("click", () => controller && controller.abort());
 $("prompt").addEventListener("keydown", (event) => {
