@@ -4,12 +4,13 @@ tests make themselves, and tokenizers loaded once."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.harness import ProcessSet
+from tests.sail_standin import drop_sophon_modules, load_standin
 from tests.tiny_chat_model import write_tiny_chat_model
 from tests.tiny_spm_tokenizer import write_tiny_spm_tokenizer
 from worker.core.builtin_model import builtin_model_path
@@ -81,3 +82,17 @@ def procs(tmp_path: Path) -> Iterator[ProcessSet]:
 def pytest_configure(config: pytest.Config) -> None:
     # `make test` runs these too; `pytest -m "not slow"` leaves them out for a quick local loop.
     config.addinivalue_line("markers", "slow: loads a real model in several processes (seconds each)")
+
+
+@pytest.fixture
+def standin(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., object]]:
+    """`standin(soc=..., version=..., tpus=...)` imports the sail stand-in as `sophon.sail` behaving
+    as that box; the test may load it again as another box."""
+    yield lambda **box: load_standin(monkeypatch, **box)
+    drop_sophon_modules()
+
+
+@pytest.fixture
+def sail(standin: Callable[..., object]) -> object:
+    """The sail stand-in as `sophon.sail` (a PCIe box, the default release), for this test only."""
+    return standin()

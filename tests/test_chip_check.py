@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.sail_standin import FAKE_SAIL
+
 REPO = Path(__file__).resolve().parents[1]
-FAKE_SAIL = REPO / "tests" / "fake_sail"
 BMODEL_NAME = "qwen-7b_int4_seq512_1dev.bmodel"  # the published figures' model, as a stand-in of the tiny one
 
 

@@ -18,8 +18,8 @@ from protos import worker_pb2
 from tests.harness import ProcessSet, inference_stub, start_pool, wait_until, write_config
 from tests.harness import free_port as free_port_for_processes
 from tests.router_harness import async_test, running_router, unregistered_worker
+from tests.sail_standin import FAKE_SAIL
 from tests.test_metrics import fetch, request
-from tests.test_sail_graphs import FAKE_SAIL
 from tests.worker_peer import connected
 from worker.core.checkpoint import load_hf_checkpoint
 from worker.core.engine import load_engine

@@ -3,38 +3,12 @@ pin the behaviours the risk tests rely on, so the stand-in cannot quietly become
 
 from __future__ import annotations
 
-import importlib
-import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.test_sail_graphs import FAKE_SAIL
 from tests.tiny_models import random_tensors, tiny_config, write_hf_checkpoint
-
-
-def _drop_sophon_modules() -> None:
-    for name in [name for name in sys.modules if name == "sophon" or name.startswith("sophon.")]:
-        del sys.modules[name]
-
-
-@pytest.fixture
-def standin(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., object]]:
-    monkeypatch.syspath_prepend(str(FAKE_SAIL))
-
-    def load(*, soc: bool = False, version: str | None = None) -> object:
-        _drop_sophon_modules()
-        monkeypatch.setenv("SAIL_STANDIN_SOC", "1" if soc else "0")
-        if version is None:
-            monkeypatch.delenv("SAIL_STANDIN_VERSION", raising=False)
-        else:
-            monkeypatch.setenv("SAIL_STANDIN_VERSION", version)
-        return importlib.import_module("sophon.sail")
-
-    yield load
-    _drop_sophon_modules()
 
 
 @pytest.fixture(scope="module")

@@ -12,15 +12,15 @@ from __future__ import annotations
 import ast
 import importlib.util
 import inspect
-import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from common.config import GenerationDefaults
+from tests.sail_standin import drop_sophon_modules
 from tests.tiny_models import random_tensors, tiny_config, write_hf_checkpoint
 from worker.core.checkpoint import Weights, load_hf_checkpoint
 from worker.core.driver import Generation, prefill_mask
@@ -31,7 +31,6 @@ from worker.core.request import USER, ChatRequest, EngineError, RequestError, Sa
 from worker.core.sail_graphs import SAIL_MISSING, SailGraphs, SailLoadError, SailNotInstalledError
 
 REPO = Path(__file__).resolve().parents[1]
-FAKE_SAIL = REPO / "tests" / "fake_sail"
 SEQ_LEN = 64
 VOCAB = 151936  # Qwen2's embedding rows: the real vocabulary's ids all fit
 EOS = {151643, 151645}
@@ -102,22 +101,6 @@ PUBLISHED_DTYPES = {
     "BM_BFLOAT16": 8,
 }
 PUBLISHED_MODULE_NAMES = {"Dtype", "Handle", "Tensor", "EngineLLM"}  # the names used of the module itself
-
-
-def _drop_sophon_modules() -> None:
-    for name in [name for name in sys.modules if name == "sophon" or name.startswith("sophon.")]:
-        del sys.modules[name]
-
-
-@pytest.fixture
-def sail(monkeypatch: pytest.MonkeyPatch) -> Iterator:
-    """The stand-in as `sophon.sail`, importable for this test only."""
-    monkeypatch.syspath_prepend(str(FAKE_SAIL))
-    _drop_sophon_modules()
-    import sophon.sail
-
-    yield sophon.sail
-    _drop_sophon_modules()
 
 
 @pytest.fixture
@@ -369,7 +352,7 @@ def test_a_host_input_a_failure_left_half_written_is_written_again(
 def test_without_sophon_sail_the_error_says_what_is_missing(tmp_path, monkeypatch):
     if importlib.util.find_spec("sophon") is not None:
         pytest.skip("sophon-sail is installed here")
-    _drop_sophon_modules()
+    drop_sophon_modules()
     bmodel = tmp_path / "model.bmodel"
     bmodel.write_bytes(b"")
     with pytest.raises(SailNotInstalledError) as error:

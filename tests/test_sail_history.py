@@ -5,9 +5,7 @@ new tokens and answers as the same bmodel prefilling from token 0; a bmodel with
 
 from __future__ import annotations
 
-import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,26 +14,10 @@ from common.config import GenerationDefaults
 from worker.core.llm_engine import LLMEngine
 from worker.core.request import ASSISTANT, USER, ChatRequest, Chunk, Turn
 
-FAKE_SAIL = Path(__file__).resolve().parent / "fake_sail"
 SEQ_LEN = 256
 GREEDY = GenerationDefaults(max_new_tokens=12, temperature=0.0, repetition_penalty=1.0)
 SYSTEM = "You are a helpful assistant."
 QUESTIONS = ("Tell me a story about a cat.", "What did the cat eat?", "Where did it sleep?")
-
-
-@pytest.fixture
-def sail(monkeypatch: pytest.MonkeyPatch) -> Iterator:
-    monkeypatch.syspath_prepend(str(FAKE_SAIL))
-    _drop_sophon_modules()
-    import sophon.sail
-
-    yield sophon.sail
-    _drop_sophon_modules()
-
-
-def _drop_sophon_modules() -> None:
-    for name in [name for name in sys.modules if name == "sophon" or name.startswith("sophon.")]:
-        del sys.modules[name]
 
 
 def bmodel(tmp_path: Path, model: Path, **options: object) -> Path:

@@ -7,16 +7,14 @@ Each of these failed on the adapter before the fix (worker/core/sail_graphs.py a
 
 from __future__ import annotations
 
-import importlib
-import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.test_sail_graphs import FAKE_SAIL, GREEDY_DEFAULTS, PROMPT, SEQ_LEN, VOCAB, greedy
+from tests.test_sail_graphs import GREEDY_DEFAULTS, PROMPT, SEQ_LEN, VOCAB, greedy
 from tests.tiny_models import random_tensors, tiny_config, write_hf_checkpoint
 from worker.core.checkpoint import Weights, load_hf_checkpoint
 from worker.core.driver import prefill_mask
@@ -28,30 +26,6 @@ from worker.core.sail_layout import BmodelLayoutError
 
 GREEDY = SamplingParams(temperature=0.0)
 QUESTION = ChatRequest("You are a helpful assistant.", (Turn(USER, "你好，请介绍一下你自己"),), GREEDY)
-
-
-def _drop_sophon_modules() -> None:
-    for name in [name for name in sys.modules if name == "sophon" or name.startswith("sophon.")]:
-        del sys.modules[name]
-
-
-@pytest.fixture
-def standin(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., object]]:
-    """Imports the stand-in as `sophon.sail` behaving as a given box: SoC or PCIe, a sail release."""
-    monkeypatch.syspath_prepend(str(FAKE_SAIL))
-
-    def load(*, soc: bool = False, version: str | None = None, tpus: int = 1) -> object:
-        _drop_sophon_modules()
-        monkeypatch.setenv("SAIL_STANDIN_SOC", "1" if soc else "0")
-        monkeypatch.setenv("SAIL_STANDIN_TPU_NUM", str(tpus))
-        if version is None:
-            monkeypatch.delenv("SAIL_STANDIN_VERSION", raising=False)
-        else:
-            monkeypatch.setenv("SAIL_STANDIN_VERSION", version)
-        return importlib.import_module("sophon.sail")
-
-    yield load
-    _drop_sophon_modules()
 
 
 @pytest.fixture(scope="module")
