@@ -49,6 +49,9 @@ ROUTER_TESTS = (
     "tests/test_router_relay.py",
     "tests/test_router_server.py",
     "tests/test_metrics.py",
+    "tests/test_cache_registry.py",
+    "tests/test_router_agents.py",
+    "tests/test_http_router.py",
 )
 TARGETS = (
     Target("router/validation.py", ("tests/test_router_validation.py",)),
@@ -65,13 +68,24 @@ TARGETS = (
             for name in ("_on_message", "_on_generate", "_on_cancel", "_deliver", "_on_chunk", "_abandon")
         ),
     ),
-    Target("worker/core/driver.py", ("tests/test_driver.py", "tests/test_llm_engine.py")),
+    Target(
+        "worker/core/driver.py",
+        ("tests/test_driver.py", "tests/test_llm_engine.py", "tests/test_kv_reuse.py"),
+    ),
     Target("worker/core/sampling.py", ("tests/test_sampling.py",)),
-    Target("worker/core/detokenizer.py", ("tests/test_detokenizer.py",)),
+    Target("worker/core/detokenizer.py", ("tests/test_detokenizer.py", "tests/test_stream_ends.py")),
     Target("worker/core/stop_strings.py", ("tests/test_stop_strings.py",)),
     Target("worker/core/tokenizer.py", ("tests/test_tokenizer.py",)),
     Target("worker/core/chat_template.py", ("tests/test_chat_template.py", "tests/test_tokenizer.py")),
-    Target("worker/core/llm_engine.py", ("tests/test_llm_engine.py",)),
+    Target(
+        "worker/core/llm_engine.py",
+        (
+            "tests/test_llm_engine.py",
+            "tests/test_kv_reuse.py",
+            "tests/test_raw_prompt.py",
+            "tests/test_stream_ends.py",
+        ),
+    ),
 )
 # As mutmut's own table (mutmut/stats.py); a timeout (the tests hung or ran out of CPU time) counts as a kill.
 STATUS_BY_EXIT_CODE = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped"}

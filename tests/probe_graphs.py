@@ -70,6 +70,11 @@ class ProbeGraphs:
             return np.array([np.argmax(logits)], dtype=np.int32)
         return logits
 
+    def greedy_token(self, hidden: np.ndarray, index: int) -> int:
+        """As a `greedy_head` graph: the argmax chosen on the device (declare it with spec.device_greedy)."""
+        self._record("greedy_token", index)
+        return int(np.argmax(self.inner.lm_head(hidden, index)))
+
     def reset(self) -> None:
         self._record("reset")
         self.inner.reset()

@@ -215,7 +215,6 @@ def test_random_requests_end_in_a_complete_stream_or_invalid_argument(pool: Pool
         check(request, outcome)
 
 
-@pytest.mark.timeout(60)
 def test_undecodable_requests_get_invalid_argument(pool: Pool):
     method = pool.channel.unary_stream(
         "/InferenceService/StreamComplete",
@@ -230,7 +229,6 @@ def test_undecodable_requests_get_invalid_argument(pool: Pool):
         assert "not a valid CompletionRequest" in caught.value.details()
 
 
-@pytest.mark.timeout(60)
 def test_the_pool_is_healthy_after_the_bad_input(pool: Pool):
     assert health_status(pool.config.grpc_address) == health_pb2.HealthCheckResponse.SERVING
     assert {process.pid for process in [pool.router_process(), *pool.worker_processes()]} == pool.pids

@@ -91,7 +91,6 @@ def assert_own_text_or_explicit_failure(outcomes: list[Outcome]) -> None:
             assert_failed(outcome, grpc.StatusCode.UNAVAILABLE, "was lost")
 
 
-@pytest.mark.timeout(90)
 def test_garbage_and_wrong_messages_on_the_worker_port_are_dropped_while_clients_are_served(
     procs, tmp_path, zmq_context
 ):
@@ -152,7 +151,6 @@ def test_garbage_and_wrong_messages_on_the_worker_port_are_dropped_while_clients
         assert_complete(outcome)
 
 
-@pytest.mark.timeout(90)
 def test_a_peer_registering_with_a_live_workers_id_causes_no_cross_talk_and_the_worker_returns(
     procs, tmp_path, zmq_context
 ):

@@ -33,7 +33,6 @@ from tests.harness import (
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-@pytest.mark.timeout(90)
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_sigterm_or_sigint_drains_in_flight_streams_refuses_new_calls_and_the_pool_exits_zero(
     procs, tmp_path, signum
@@ -62,7 +61,6 @@ def test_sigterm_or_sigint_drains_in_flight_streams_refuses_new_calls_and_the_po
     assert log.count("SIGTERM: stopping once the current request (if any) is done") == 2
 
 
-@pytest.mark.timeout(90)
 def test_streams_still_running_at_the_drain_timeout_end_with_unavailable_and_are_cancelled(procs, tmp_path):
     settings = echo_settings(
         router={"drain_timeout_s": 1.0},

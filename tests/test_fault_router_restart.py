@@ -41,7 +41,6 @@ NEW_REQUEST_DEADLINE_S = 15.0
 ROUTER_ARGS = ["-m", "router", "--config"]
 
 
-@pytest.mark.timeout(90)
 def test_workers_register_again_with_a_restarted_router_without_being_restarted(procs, tmp_path):
     config = write_config(tmp_path, echo_settings(tokens_per_second=20.0, tokens_per_request=200))
     router = procs.start("router", [*ROUTER_ARGS, str(config.path)])

@@ -5,6 +5,7 @@ greedy decoding, with an engine that prefills every prompt from token 0 (model.r
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -132,6 +133,52 @@ def test_after_a_cancelled_turn_the_next_turn_is_exact(weights, tiny_chat_tokeni
     stream.close()
     history = next_history(history, text_of(partial), QUESTIONS[2])
     assert engines.turn(history)[-1].cached_prompt_tokens > 0
+
+
+@pytest.mark.parametrize("chunks_read", [1, 2])
+def test_a_stream_closed_early_reports_the_conversation_with_the_answer_so_far(
+    weights, tiny_chat_tokenizer, chunks_read
+):
+    engines = Engines(weights, tiny_chat_tokenizer)
+    history = (Turn(USER, QUESTIONS[0]),)
+    stream = engines.reusing.generate(ChatRequest(SYSTEM, history), threading.Event())
+    partial = [next(stream) for _ in range(chunks_read)]
+    stream.close()  # the worker stops reading: a cancel noticed between chunks
+
+    answer = text_of(partial)
+    assert answer
+    assert engines.reusing.held_prefix() == tuple(
+        conversation_hashes(SYSTEM, (*history, Turn(ASSISTANT, answer)))
+    )
+    # Another conversation closed early, then the first goes on: the cache was re-described each time.
+    other = (Turn(USER, "How do birds build their nests?"),)
+    stream = engines.reusing.generate(ChatRequest(SYSTEM, other), threading.Event())
+    next(stream)
+    stream.close()
+    engines.turn(next_history(history, answer, QUESTIONS[1]))
+
+
+def test_an_empty_answer_adds_no_assistant_turn_to_what_is_held(weights, tiny_chat_tokenizer):
+    engines = Engines(weights, tiny_chat_tokenizer)
+    history = (Turn(USER, QUESTIONS[0]),)
+    first_text = engines.turn(history)[0].text
+    chunks = engines.turn(history, stop=[first_text])  # stops before its first character
+    assert (text_of(chunks), chunks[-1].finish_reason) == ("", FinishReason.STOP)
+    assert engines.reusing.held_prefix() == tuple(conversation_hashes(SYSTEM, history))
+
+
+@pytest.mark.parametrize("max_history", [0, 1])
+def test_a_history_graph_bounds_what_is_reused(weights, tiny_chat_tokenizer, max_history):
+    """max_history 0: the bmodel has no prefill-with-history graph, nothing is reused or reported."""
+    engines = Engines(weights, tiny_chat_tokenizer)
+    engines.graphs.spec = replace(engines.graphs.spec, max_history=max_history)
+    engines.reusing = LLMEngine(engines.graphs, tiny_chat_tokenizer, "tiny-chat", GREEDY)
+    history = (Turn(USER, QUESTIONS[0]),)
+    answer = text_of(engines.turn(history))
+    assert bool(engines.reusing.held_prefix()) == (max_history > 0)
+    chunks = engines.turn(next_history(history, answer, QUESTIONS[1]))
+    assert chunks[-1].cached_prompt_tokens == max_history
+    assert len(engines.graphs.named("block_with_history")) == (2 if max_history else 0)  # 2 layers
 
 
 def test_a_turn_cancelled_before_its_prefill_keeps_only_the_shared_prefix(weights, tiny_chat_tokenizer):

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from common.config import GenerationDefaults
 from tests.probe_graphs import ProbeGraphs
+from tests.tiny_models import random_tensors, tiny_config, write_hf_checkpoint
 from worker.core.checkpoint import Weights, load_hf_checkpoint
 from worker.core.driver import Generation
 from worker.core.llm_engine import LLMEngine
@@ -239,16 +241,19 @@ def test_cancel_stops_within_one_token(weights, tiny_chat_tokenizer):
     [(3, "block"), (38, "block_cache")],
 )
 def test_a_failing_graph_gives_engine_error_a_zeroed_kv_cache_and_a_fresh_next_answer(
-    weights, tiny_chat_tokenizer, greedy_answer, fail_at_call, step
+    weights, tiny_chat_tokenizer, greedy_answer, fail_at_call, step, caplog
 ):
     engine, graphs = probed_engine(weights, tiny_chat_tokenizer)
     graphs.fail_at_call = fail_at_call
     request = ChatRequest("", QUESTION, SamplingParams(max_new_tokens=40))
     streamed = []
 
-    with pytest.raises(EngineError, match=rf"injected failure in {step}\b"):
+    with pytest.raises(EngineError) as failed:
         for chunk in engine.generate(request, threading.Event()):
             streamed.append(chunk)
+
+    assert str(failed.value) == f"generation failed: RuntimeError: injected failure in {step}"
+    assert caplog.messages == ["tiny-chat: generation failed"]  # with the traceback, for the operator
 
     assert bool(streamed) == (step == "block_cache")
     assert [call.graph for call in graphs.calls[fail_at_call - 1 :]] == [step, "reset"]
@@ -256,7 +261,9 @@ def test_a_failing_graph_gives_engine_error_a_zeroed_kv_cache_and_a_fresh_next_a
     assert text_of(ask(engine, max_new_tokens=40)) == greedy_answer  # what a fresh engine answers
 
 
-def test_a_reset_that_fails_too_is_reported_with_the_first_failure(weights, tiny_chat_tokenizer, monkeypatch):
+def test_a_reset_that_fails_too_is_reported_with_the_first_failure(
+    weights, tiny_chat_tokenizer, monkeypatch, caplog
+):
     engine, graphs = probed_engine(weights, tiny_chat_tokenizer)
     graphs.fail_at_call = 3
 
@@ -264,17 +271,22 @@ def test_a_reset_that_fails_too_is_reported_with_the_first_failure(weights, tiny
         raise RuntimeError("device lost")
 
     monkeypatch.setattr(graphs.inner, "reset", lost_device)
-    with pytest.raises(
-        EngineError,
-        match=r"injected failure in block; resetting the KV cache failed too: RuntimeError: device lost",
-    ):
+    with pytest.raises(EngineError) as failed:
         ask(engine)
+    assert str(failed.value) == (
+        "generation failed: RuntimeError: injected failure in block; "
+        "resetting the KV cache failed too: RuntimeError: device lost"
+    )
+    assert caplog.messages == ["tiny-chat: generation failed", "tiny-chat: resetting the KV cache failed"]
 
 
 def test_greedy_only_head_refuses_sampling_requests(weights, tiny_chat_tokenizer, greedy_answer, caplog):
     with caplog.at_level(logging.WARNING):
         engine = make_engine(weights, tiny_chat_tokenizer, greedy_head=True, defaults=GenerationDefaults())
-    assert "greedy decoding compiled in" in caplog.text
+    assert caplog.messages == [
+        "tiny-chat: the bmodel's lm_head returns token ids (greedy decoding compiled in); requests that ask "
+        "for sampling (temperature > 0, top_k, top_p, repetition_penalty) will be refused"
+    ]
 
     for params in ({"temperature": 0.7}, {"top_k": 40}, {"top_p": 0.5}, {"repetition_penalty": 1.2}):
         with pytest.raises(RequestError, match="greedy decoding compiled into its bmodel"):
@@ -309,8 +321,139 @@ def test_invalid_parameters_are_request_errors(weights, tiny_chat_tokenizer, par
 
 
 def test_a_conversation_must_end_with_the_user(weights, tiny_chat_tokenizer):
-    with pytest.raises(RequestError, match="end with a user turn"):
+    with pytest.raises(RequestError) as refused:
         ask(
             make_engine(weights, tiny_chat_tokenizer),
             history=(*QUESTION, Turn(ASSISTANT, "Once upon a time")),
         )
+    assert str(refused.value) == "the conversation must end with a user turn"
+
+
+def test_a_prompt_must_leave_room_for_sixteen_new_tokens(weights, tiny_chat_tokenizer, caplog):
+    caplog.set_level(logging.INFO, logger="worker.core.llm_engine")
+    needed = len(prompt_ids(tiny_chat_tokenizer, QUESTION))
+
+    chunks = ask(make_engine(weights, tiny_chat_tokenizer, seq_len=needed + 16), max_new_tokens=40)
+    assert (chunks[-1].prompt_tokens, chunks[-1].completion_tokens) == (needed, 16)
+    assert chunks[-1].finish_reason is FinishReason.LENGTH
+    assert not [message for message in caplog.messages if "dropped" in message], "no turn was dropped"
+
+    with pytest.raises(RequestError) as refused:
+        ask(make_engine(weights, tiny_chat_tokenizer, seq_len=needed + 15), max_new_tokens=40)
+    assert str(refused.value) == (
+        f"the prompt needs {needed} tokens even with only the system message and the last user turn; with "
+        f"room for 16 new tokens that exceeds the model's context of {needed + 15} tokens"
+    )
+
+
+def test_a_prompt_longer_than_the_prefill_graphs_is_refused_even_when_the_context_has_room(
+    weights, tiny_chat_tokenizer
+):
+    needed = len(prompt_ids(tiny_chat_tokenizer, QUESTION))
+
+    def engine_with_prefill_length(longest: int) -> LLMEngine:
+        graphs = ProbeGraphs(NumpyGraphs(weights, 256))
+        graphs.spec = replace(graphs.spec, max_input_length=longest)  # as LLM-TPU's MAX_INPUT_LENGTH
+        return LLMEngine(graphs, tiny_chat_tokenizer, "tiny-chat", GREEDY)
+
+    assert ask(engine_with_prefill_length(needed), max_new_tokens=4)[-1].prompt_tokens == needed
+    with pytest.raises(RequestError) as refused:
+        ask(engine_with_prefill_length(needed - 1), max_new_tokens=4)
+    assert str(refused.value) == (
+        f"the prompt needs {needed} tokens even with only the system message and the last user turn; with "
+        f"room for 4 new tokens that exceeds the model's context of 256 tokens (or its longest prompt, "
+        f"{needed - 1} tokens)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("history", "kept_from"),
+    [
+        pytest.param(
+            (
+                Turn(USER, "A long first question about the dogs and the birds in the garden today?"),
+                Turn(ASSISTANT, "Yes."),
+                Turn(USER, "Tell me about cats."),
+            ),
+            2,
+            id="an-answer-left-first-goes-too",
+        ),
+        pytest.param(
+            (
+                Turn(USER, "First question about the dogs?"),
+                Turn(USER, "Second question about the birds?"),
+                Turn(ASSISTANT, "Birds sing."),
+                Turn(USER, "Tell me about cats."),
+            ),
+            1,
+            id="one-turn-at-a-time",
+        ),
+    ],
+)
+def test_dropping_turns_removes_one_turn_at_a_time_and_never_starts_with_an_answer(
+    weights, tiny_chat_tokenizer, caplog, history, kept_from
+):
+    """The context holds all but the oldest turn exactly: the oldest goes, and so does an assistant
+    turn it leaves first (a prompt never starts with the assistant), nothing more."""
+    caplog.set_level(logging.INFO, logger="worker.core.llm_engine")
+    seq_len = len(prompt_ids(tiny_chat_tokenizer, history[1:])) + 16
+    assert len(prompt_ids(tiny_chat_tokenizer, history)) + 16 > seq_len
+
+    engine = make_engine(weights, tiny_chat_tokenizer, seq_len=seq_len)
+    chunks = ask(engine, history=history, max_new_tokens=4)
+
+    assert chunks[-1].prompt_tokens == len(prompt_ids(tiny_chat_tokenizer, history[kept_from:]))
+    assert f"tiny-chat: dropped {kept_from} oldest turns to fit the context" in caplog.messages
+
+
+def test_greedy_requests_take_the_token_from_the_device_when_the_bmodel_can(
+    weights, tiny_chat_tokenizer, greedy_answer
+):
+    graphs = ProbeGraphs(NumpyGraphs(weights, 256))
+    graphs.spec = replace(graphs.spec, device_greedy=True)  # a bmodel with a greedy_head graph
+    engine = LLMEngine(graphs, tiny_chat_tokenizer, "tiny-chat", GREEDY)
+
+    assert text_of(ask(engine, max_new_tokens=40)) == greedy_answer
+    assert graphs.named("greedy_token") and not graphs.named("lm_head"), "no logits crossed to the host"
+
+    graphs.calls.clear()
+    ask(engine, max_new_tokens=5, temperature=0.8, seed=3)  # sampling needs the logits
+    assert graphs.named("lm_head") and not graphs.named("greedy_token")
+
+
+@pytest.fixture(scope="module")
+def spm_weights(tiny_spm_tokenizer, tmp_path_factory) -> Weights:
+    """A random model over the byte-fallback tokenizer's vocabulary."""
+    config = tiny_config("llama", vocab_size=tiny_spm_tokenizer.vocab_size)
+    folder = tmp_path_factory.mktemp("tiny-spm-model")
+    return load_hf_checkpoint(write_hf_checkpoint(folder, config, random_tensors(config, 7, bias=False)))
+
+
+def test_a_stop_string_completed_by_the_last_byte_tokens_ends_the_answer_before_it(
+    spm_weights, tiny_spm_tokenizer
+):
+    """A character spelled in byte tokens is held back until its run ends; when the generation
+    ends inside the run, the final flush releases it, and a stop string it completes still stops."""
+    graphs = ProbeGraphs(NumpyGraphs(spm_weights, 128))
+    words = tiny_spm_tokenizer.encode("Lily")
+    bytes_of = tiny_spm_tokenizer.byte_token_ids
+    byte_ids = [token for token in tiny_spm_tokenizer.encode("你") if token in bytes_of]
+    forced = [*words, *byte_ids]
+    assert len(byte_ids) == 3 and tiny_spm_tokenizer.decode(forced) == "Lily你"
+    graphs.forced_tokens = dict(enumerate(forced, start=1))
+    engine = LLMEngine(graphs, tiny_spm_tokenizer, "tiny-spm", GREEDY)
+    prompt = "Once upon a time"
+    params = SamplingParams(max_new_tokens=len(forced), stop=["你"])
+    request = ChatRequest("", (), params, raw_prompt=prompt)
+
+    chunks = list(engine.generate(request, threading.Event()))
+
+    needed = len(tiny_spm_tokenizer.encode_prompt(prompt))
+    assert text_of(chunks[:-1]) == "Lily"
+    final = chunks[-1]
+    assert (final.text, final.completion_tokens, final.prompt_tokens, final.finish_reason) == (
+        "",
+        len(forced),
+        needed,
+        FinishReason.STOP,
+    )

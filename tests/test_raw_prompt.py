@@ -53,3 +53,21 @@ def test_a_raw_prompt_too_long_for_the_context_is_refused(tiny_chat_model, tiny_
     request = ChatRequest("", (), SamplingParams(max_new_tokens=8), raw_prompt=TEXT * 20)
     with pytest.raises(RequestError, match="exceeds the model's context of 64 tokens"):
         list(engine.generate(request, threading.Event()))
+
+
+def test_a_raw_prompt_must_leave_room_for_sixteen_new_tokens(tiny_chat_model, tiny_chat_tokenizer) -> None:
+    weights = load_hf_checkpoint(tiny_chat_model)
+    needed = len(tiny_chat_tokenizer.encode_prompt(TEXT))
+    request = ChatRequest("", (), SamplingParams(max_new_tokens=40), raw_prompt=TEXT)
+
+    fits = LLMEngine(NumpyGraphs(weights, needed + 16), tiny_chat_tokenizer, "tiny", GREEDY)
+    final = list(fits.generate(request, threading.Event()))[-1]
+    assert (final.prompt_tokens, final.completion_tokens) == (needed, 16)
+
+    too_small = LLMEngine(NumpyGraphs(weights, needed + 15), tiny_chat_tokenizer, "tiny", GREEDY)
+    with pytest.raises(RequestError) as refused:
+        list(too_small.generate(request, threading.Event()))
+    assert str(refused.value) == (
+        f"the prompt needs {needed} tokens; with room for 16 new tokens that exceeds the model's context of "
+        f"{needed + 15} tokens"
+    )
