@@ -123,7 +123,8 @@ def prepare(target: Target, fresh: bool, tests_at: str | None = None) -> Path:
         f"only_mutate = {target.module}\n"
         "also_copy =\n    supervisor\n    configs\n"
         f"pytest_add_cli_args_test_selection =\n    {selection}\n"
-        "pytest_add_cli_args =\n    -p\n    no:cacheprovider\n    -q\n"
+        # a mutant that makes a test wait forever fails at this bound (a kill), not at the suite's 300 s
+        "pytest_add_cli_args =\n    -p\n    no:cacheprovider\n    -q\n    --timeout=60\n"
         # mutants are tried in forks of a process that has imported grpc: fork from a clean server
         "process_isolation = forkserver\n"
     )

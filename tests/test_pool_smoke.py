@@ -59,6 +59,6 @@ def test_a_killed_router_is_restarted_and_the_workers_rejoin_it(procs, tmp_path)
     pool.supervisor.wait_for_log(rf"router \(pid {router.pid}\) was killed by SIGKILL")
     wait_until(lambda: (new := pool.router_process()) and new.pid != router.pid, "a new router process")
     wait_serving(pool.config.grpc_address, pool.supervisor)
-    frames = list(inference_stub(pool.channel).StreamComplete(SEED_REQUEST, timeout=30, wait_for_ready=True))
+    frames = list(inference_stub(pool.channel).StreamComplete(SEED_REQUEST, timeout=90, wait_for_ready=True))
     assert frames[-1].finished and frames[-1].finish_reason == api.STOP
     assert {process.pid for process in pool.worker_processes()} == workers_before  # not restarted

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import base64
 import json
+import locale
 import re
 import struct
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import gguf
 import pytest
 from tokenizers import Tokenizer as BackendTokenizer
-from tokenizers import models, pre_tokenizers, trainers
+from tokenizers import models, pre_tokenizers, processors, trainers
 
 from worker.core.builtin_model import builtin_model_path
 from worker.core.request import USER, RequestError, Turn
@@ -265,7 +268,7 @@ def train_tiny_byte_level_bpe(folder: Path) -> dict[str, int]:
     trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     backend.train_from_iterator(["hello world, hello there"] * 50 + ["the quick brown fox"] * 20, trainer)
     backend.model.save(str(folder))
-    return json.loads((folder / "vocab.json").read_text())
+    return json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
 
 
 def write_sentencepiece_gguf(llama2c_tokenizer: Path, path: Path) -> Path:
@@ -336,3 +339,206 @@ def test_the_flags_of_added_tokens_in_tokenizer_config_are_honoured(tmp_path, fl
         assert marker not in flagged.encode("hello<x>world") and marker in plain.encode("hello<x>world")
     else:  # special tokens are left out of decoded text
         assert flagged.decode([*hello, marker]) == "hello" and plain.decode([*hello, marker]) == "hello<x>"
+
+
+# Loading paths pinned against mutation testing (scripts/mutate.py): which file each setting is read
+# from, which source wins, and the exact messages an operator reads when a folder is refused.
+
+
+def write_added_tokens_folder(folder: Path, **config: object) -> tuple[dict[str, int], int]:
+    """vocab.json + merges.txt with <|endoftext|>, <|im_start|>, <|im_end|> added after the vocabulary."""
+    vocab = train_tiny_byte_level_bpe(folder)
+    base = len(vocab)
+    added = {
+        str(base): {"content": "<|endoftext|>", "special": True},
+        str(base + 1): {"content": "<|im_start|>", "special": True},
+        str(base + 2): {"content": "<|im_end|>", "special": True},
+    }
+    write_json(folder / "tokenizer_config.json", {"added_tokens_decoder": added, **config})
+    return vocab, base
+
+
+def test_end_ids_are_merged_from_every_config_and_bos_comes_from_the_most_specific(tmp_path):
+    vocab, base = write_added_tokens_folder(
+        tmp_path,
+        # the AddedToken form older transformers wrote
+        eos_token={"__type": "AddedToken", "content": "<|im_end|>", "special": True},
+        bos_token={"__type": "AddedToken", "content": "<|im_start|>", "special": True},
+    )
+    write_json(tmp_path / "generation_config.json", {"eos_token_id": [base, base + 2]})
+    write_json(tmp_path / "config.json", {"bos_token_id": 0, "eos_token_id": base + 2})
+    # The stale config.json BOS would come first out of a set of both ids: only the first source counts.
+    assert next(iter({base + 1, 0})) == 0
+    tokenizer = load_tokenizer(tmp_path)
+    assert tokenizer.eos_token_ids == {base, base + 2}
+    assert tokenizer.bos_token_id == base + 1
+    assert tokenizer.special_token_ids == {base, base + 1, base + 2}
+    assert not tokenizer.add_bos_token  # no post-processor puts BOS first, and the config does not ask
+    assert tokenizer.encode_prompt("hello") == [vocab["hello"]]
+
+
+def test_a_token_setting_that_is_not_text_is_ignored(tmp_path):
+    _, base = write_added_tokens_folder(tmp_path, eos_token="<|im_end|>", bos_token=1)
+    tokenizer = load_tokenizer(tmp_path)
+    assert (tokenizer.eos_token_ids, tokenizer.bos_token_id) == ({base + 2}, None)
+
+
+def test_special_tokens_missing_from_the_vocabulary_are_named(tmp_path):
+    write_added_tokens_folder(tmp_path, eos_token="<|eot_id|>")
+    message = f"{tmp_path}: special token '<|eot_id|>' named in the config is not in the vocabulary"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        load_tokenizer(tmp_path)
+    write_added_tokens_folder(tmp_path, eos_token="<|im_end|>", bos_token="<s>")
+    message = f"{tmp_path}: special token '<s>' named in the config is not in the vocabulary"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        load_tokenizer(tmp_path)
+
+
+def test_refused_folders_get_the_exact_message(tmp_path):
+    train_tiny_byte_level_bpe(tmp_path)
+    message = (
+        f"{tmp_path}: no end-of-sequence token declared (eos_token in tokenizer_config.json "
+        "or eos_token_id in generation_config.json / config.json)"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        load_tokenizer(tmp_path)
+
+    (tmp_path / "tokenizer_config.json").write_text("[]", encoding="utf-8")
+    message = f"{tmp_path / 'tokenizer_config.json'}: expected a JSON object"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        load_tokenizer(tmp_path)
+
+    (tmp_path / "merges.txt").unlink()  # vocab.json alone is not a tokenizer
+    (tmp_path / "tokenizer_config.json").unlink()
+    message = (
+        f"{tmp_path}: no tokenizer found; expected tokenizer.json, or vocab.json + merges.txt, "
+        "or qwen.tiktoken"
+    )
+    with pytest.raises(FileNotFoundError, match=f"^{re.escape(message)}$"):
+        load_tokenizer(tmp_path)
+
+
+def test_added_tokens_that_skip_ids_name_the_config_file(tmp_path):
+    base = len(train_tiny_byte_level_bpe(tmp_path))
+    write_json(
+        tmp_path / "tokenizer_config.json",
+        {"added_tokens_decoder": {str(base + 5): {"content": "<|im_end|>", "special": True}}},
+    )
+    message = (
+        f"{tmp_path / 'tokenizer_config.json'}: added token '<|im_end|>' is declared with id {base + 5} "
+        f"but the vocabulary gives it id {base}; the added tokens do not continue the vocabulary"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        load_tokenizer(tmp_path)
+
+
+def test_vocab_and_merges_folder_normalizes_to_nfc_like_qwen2(tmp_path):
+    write_added_tokens_folder(tmp_path, eos_token="<|im_end|>")
+    tokenizer = load_tokenizer(tmp_path)
+    assert tokenizer.encode("cafe\u0301") == tokenizer.encode("caf\u00e9")  # é decomposed, then composed
+    assert tokenizer.decode(tokenizer.encode("cafe\u0301")) == "caf\u00e9"
+
+
+@pytest.mark.parametrize("normalized", [None, False, True])
+def test_the_normalized_flag_of_added_tokens_is_honoured(tmp_path, normalized):
+    """A normalized added token also matches text that only equals it after NFC; by default it does not."""
+    vocab = train_tiny_byte_level_bpe(tmp_path)
+    marker = len(vocab)
+    entry = {"content": "<\u00c5>"} | ({} if normalized is None else {"normalized": normalized})
+    write_json(
+        tmp_path / "tokenizer_config.json",
+        {"added_tokens_decoder": {str(marker): entry}, "eos_token": "<\u00c5>"},
+    )
+    tokenizer = load_tokenizer(tmp_path)
+    assert tokenizer.encode("<\u00c5>") == [marker]
+    assert (tokenizer.encode("<A\u030a>") == [marker]) is bool(normalized)
+    # Without "special" an added token is an ordinary one, which decoded text keeps.
+    assert tokenizer.special_token_ids == set()
+
+
+def write_bos_eos_post_processor_folder(folder: Path, **config: object) -> Path:
+    """tokenizer.json whose post-processor wraps text in <s> ... </s> (ids 0 and 1)."""
+    backend = BackendTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    backend.train_from_iterator(["hello world, hello there"] * 50, trainer)
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 1)]
+    )
+    backend.save(str(folder / "tokenizer.json"))
+    write_json(folder / "tokenizer_config.json", {"bos_token": "<s>", "eos_token": "</s>", **config})
+    return folder
+
+
+def test_bos_is_added_when_the_post_processor_puts_it_first_unless_the_config_says_no(tmp_path):
+    tokenizer = load_tokenizer(write_bos_eos_post_processor_folder(tmp_path))
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_ids, tokenizer.add_bos_token) == (0, {1}, True)
+    hello = tokenizer.encode("hello")
+    assert hello[0] != 0
+    assert tokenizer.encode_prompt("hello") == [0, *hello]
+
+    tokenizer = load_tokenizer(write_bos_eos_post_processor_folder(tmp_path, add_bos_token=False))
+    assert not tokenizer.add_bos_token
+    assert tokenizer.encode_prompt("hello") == hello
+
+
+def test_a_chat_template_in_tokenizer_config_names_that_file(tmp_path):
+    write_added_tokens_folder(tmp_path, eos_token="<|im_end|>", chat_template="{{ messages[0].content }}")
+    config_file = str(tmp_path / "tokenizer_config.json")
+    assert load_tokenizer(tmp_path).chat_template.origin == config_file
+    write_added_tokens_folder(tmp_path, eos_token="<|im_end|>", chat_template=42)
+    message = (
+        f"{config_file}: chat_template must be a string or a list of {{name, template}}, got <class 'int'>"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        load_tokenizer(tmp_path)
+
+
+@pytest.fixture
+def ascii_locale() -> Iterator[None]:
+    """The host's locale encoding is ASCII (e.g. a service started without a UTF-8 locale)."""
+    previous = locale.setlocale(locale.LC_CTYPE)
+    locale.setlocale(locale.LC_CTYPE, "C")
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_CTYPE, previous)
+
+
+def test_configs_and_template_files_are_read_as_utf8_whatever_the_locale(tmp_path, ascii_locale):
+    if sys.flags.utf8_mode or locale.getpreferredencoding(False).lower() == "utf-8":
+        pytest.skip("Python runs in UTF-8 mode here: the locale encoding cannot be made ASCII")
+    template = "你好 {{ messages[0].content }}"
+    write_added_tokens_folder(tmp_path, eos_token="<|im_end|>", chat_template=template)
+    config_file = tmp_path / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    # Raw UTF-8 as real configs have it, not the \uXXXX escapes json.dumps writes by default.
+    config_file.write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
+    assert "你好".encode() in config_file.read_bytes()
+    assert load_tokenizer(tmp_path).chat_template.render("", [Turn(USER, "世界")]) == "你好 世界"
+    (tmp_path / "chat_template.jinja").write_text("再见 {{ messages[0].content }}", encoding="utf-8")
+    assert load_tokenizer(tmp_path).chat_template.render("", [Turn(USER, "世界")]) == "再见 世界"
+
+
+def test_gguf_chat_template_gets_the_special_token_texts_and_names_its_origin(tmp_path):
+    def vocabulary(writer: gguf.GGUFWriter) -> None:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_token_list(["<s>", "</s>", "<unk>", "<pad>", "a", "b", "ab"])
+        writer.add_token_types([gguf.TokenType.CONTROL] * 4 + [gguf.TokenType.NORMAL] * 3)
+        writer.add_token_merges(["a b"])
+        writer.add_bos_token_id(0)
+        writer.add_eos_token_id(1)
+        writer.add_unk_token_id(2)
+        writer.add_pad_token_id(3)
+        writer.add_chat_template(
+            "{{ bos_token }}|{{ eos_token }}|{{ unk_token }}|{{ pad_token }}|{{ messages[0].content }}"
+        )
+
+    path = write_gguf(tmp_path / "templated.gguf", vocabulary)
+    tokenizer = load_tokenizer(path)
+    assert tokenizer.chat_template.render("", [Turn(USER, "ab")]) == "<s>|</s>|<unk>|<pad>|ab"
+    assert tokenizer.chat_template.origin == f"{path} (tokenizer.chat_template)"
+    assert tokenizer.encode("ab") == [6]
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_ids) == (0, {1})
