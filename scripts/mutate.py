@@ -31,7 +31,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SCRATCH = REPO / ".mutate"
 MUTMUT = [sys.executable, "-m", "mutmut"]
-COPIED = ("common", "protos", "router", "worker", "supervisor", "configs", "tests", "pyproject.toml")
+COPIED = (
+    "common",
+    "protos",
+    "router",
+    "worker",
+    "supervisor",
+    "configs",
+    "scripts",
+    "tests",
+    "pyproject.toml",
+)
 
 
 @dataclass(frozen=True)
@@ -121,10 +131,10 @@ def prepare(target: Target, fresh: bool, tests_at: str | None = None) -> Path:
         "[mutmut]\n"
         "source_paths =\n    common\n    protos\n    router\n    worker\n"
         f"only_mutate = {target.module}\n"
-        "also_copy =\n    supervisor\n    configs\n"
+        "also_copy =\n    supervisor\n    configs\n    scripts\n"
         f"pytest_add_cli_args_test_selection =\n    {selection}\n"
         # a mutant that makes a test wait forever fails at this bound (a kill), not at the suite's 300 s
-        "pytest_add_cli_args =\n    -p\n    no:cacheprovider\n    -q\n    --timeout=60\n"
+        "pytest_add_cli_args =\n    -p\n    no:cacheprovider\n    -q\n    --timeout=30\n"
         # mutants are tried in forks of a process that has imported grpc: fork from a clean server
         "process_isolation = forkserver\n"
     )

@@ -8,9 +8,10 @@ enough for mutation testing: scripts/mutate.py runs these against worker/service
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 
@@ -19,7 +20,7 @@ from protos import worker_pb2 as pb
 from tests.harness import WAIT_S, free_port, wait_until
 from tests.worker_peer import WORKER_ID, RouterPeer, generate
 from worker.core.paced import PacedEngine
-from worker.service import WorkerIdentity, WorkerService
+from worker.service import EXIT_ENGINE_HUNG, WorkerIdentity, WorkerService
 
 TOKENS = 6  # a paced answer's length
 INTERVAL_MS = 1000  # x liveness 3: the worker holds back its chunks after 4 s without sending
@@ -219,3 +220,73 @@ def test_a_request_waiting_for_its_first_token_has_a_step_deadline_and_an_idle_d
     wired.wait_idle()
     wired.deliver_from_router(pb.Disconnect(reason="bye"))  # nothing to abandon
     assert not wired.service._registered and wired.service._current is None
+
+
+def test_retire_is_obeyed_and_logged_with_its_reason(wired, caplog):
+    caplog.set_level(logging.INFO, logger="worker")
+    wired.deliver_from_router(pb.Retire(reason=""))
+    assert wired.service._retiring
+    assert worker_log(caplog) == [
+        "told to retire (no reason given): leaving once the current request (if any) is done"
+    ]
+
+
+def test_a_raw_prompt_request_is_logged_as_one(wired, caplog):
+    caplog.set_level(logging.INFO, logger="worker")
+    wired.deliver_from_router(pb.Generate(request_id="raw", raw_prompt="Once upon a time"))
+    assert wired.peer.chunks_until_final("raw")[-1].completion_tokens == TOKENS
+    assert worker_log(caplog)[0] == "request raw: started (raw prompt)"
+
+
+def test_the_completion_log_times_the_first_token_only_when_one_came(wired, caplog):
+    caplog.set_level(logging.INFO, logger="worker")
+    wired.start("answered", max_new_tokens=4)
+    wired.peer.chunks_until_final("answered")
+    wired.wait_idle()
+    wired.service._engine._pace = PacedConfig(
+        tokens_per_second=200.0, first_token_delay_s=0.0, fail_marker="FAIL", fault_at_token=1
+    )
+    wired.deliver_from_router(generate("failed", "FAIL at once"))
+    assert wired.peer.chunks_until_final("failed")[-1].error_kind == pb.ERROR_ENGINE
+    wired.wait_idle()
+
+    done = [line for line in worker_log(caplog) if ": done, " in line]
+    assert re.match(
+        r"request answered: done, length; prompt \d+ tokens, 4 tokens, first token after \d+\.\d{3} s, ",
+        done[0],
+    )
+    assert re.match(
+        r"request failed: done, error \(engine: injected fault.*\); prompt \d+ tokens, 0 tokens, "
+        r"first token after -, 0\.0 tokens/s, ",
+        done[1],
+    )
+
+
+def test_the_engine_watchdog_counts_from_the_last_chunk_and_a_hung_engine_reports_its_counts(wired):
+    """The loop's clock is driven by hand: each tick is placed against the pace's lower bounds, so a
+    busy machine (later tokens) only widens the margins."""
+    wired.service._settings = replace(wired.service._settings, step_timeout_s=1.5)
+    wired.service._engine._pace = PacedConfig(
+        tokens_per_second=10.0, first_token_delay_s=1.0, tokens_per_request=1000
+    )
+    started = time.monotonic()
+    wired.start("r1")
+    first = wired.peer.expect("chunk")
+    assert (first.request_id, first.completion_tokens) == ("r1", 1)
+    with wired.service._lock:  # 2 s after the start, but under 1.5 s after the first chunk (>= 1 s in)
+        wired.service._on_clock(started + 2.0)
+    assert wired.service._exit_code is None and wired.service._current.request_id == "r1"
+
+    with wired.service._lock:  # far past the last chunk: the engine is hung
+        wired.service._on_clock(time.monotonic() + 10.0)
+        made = wired.service._current.completion_tokens
+    assert wired.service._exit_code == EXIT_ENGINE_HUNG
+    final = wired.peer.chunks_until_final("r1")[-1]
+    assert (final.finish_reason, final.error_kind) == (pb.FINISH_ERROR, pb.ERROR_ENGINE)
+    assert (
+        final.error_message
+        == "the engine step did not finish within 1.5 s (step_timeout_s); worker restarting"
+    )
+    assert (final.completion_tokens, final.prompt_tokens) == (made, first.prompt_tokens)
+    assert first.prompt_tokens > 0
+    assert wired.peer.expect("disconnect", skip=("chunk", "heartbeat")).reason == "engine hung"
