@@ -229,8 +229,7 @@ class WorkerRegistry:
         del self._by_worker_id[worker.worker_id]
         del self._slots[worker.slot][worker.identity]
         self._idle.pop(worker.identity, None)
-        if self._cache_policy is not None:
-            self._cache_policy.forget(worker.identity)
+        self._forget_cache(worker)
         worker.state = WorkerState.LOST
         self._remember_lost(worker)
         self._metrics.on_worker_lost(worker)
@@ -333,8 +332,14 @@ class WorkerRegistry:
         del self._by_worker_id[worker.worker_id]
         del self._slots[worker.slot][worker.identity]
         self._idle.pop(worker.identity, None)
+        self._forget_cache(worker)
         self.changed.set()
         self._require_listener().worker_lost(worker, "it retired")
+
+    def _forget_cache(self, worker: WorkerRecord) -> None:
+        """What a worker that left held is of no use to anyone: drop it from the cache policy's tables."""
+        if self._cache_policy is not None:
+            self._cache_policy.forget(worker.identity)
 
     def _note_cache(self, worker: WorkerRecord, chunk: worker_pb2.Chunk) -> None:
         """A final chunk says what the worker's KV cache holds now."""

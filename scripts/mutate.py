@@ -67,7 +67,10 @@ TARGETS = (
     Target("router/validation.py", ("tests/test_router_validation.py",)),
     Target("router/scheduler.py", ROUTER_TESTS),
     Target("router/job.py", ROUTER_TESTS),
-    Target("router/workers.py", ROUTER_TESTS),
+    # The registry on its own (a real Transport, DEALER peers; milliseconds a test), plus the cache
+    # registry tests (a whole router, but four tests in about a second): against ROUTER_TESTS, where
+    # every test starts a router, a mutant took ~15 s and the module about 2 hours.
+    Target("router/workers.py", ("tests/test_worker_registry.py", "tests/test_cache_registry.py")),
     Target("worker/translate.py", ("tests/test_worker_translate.py",)),
     Target(
         "worker/service.py",
