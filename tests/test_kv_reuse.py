@@ -158,6 +158,25 @@ def test_a_stream_closed_early_reports_the_conversation_with_the_answer_so_far(
     engines.turn(next_history(history, answer, QUESTIONS[1]))
 
 
+def test_a_turn_cancelled_right_after_its_prefill_reports_its_whole_prompt(weights, tiny_chat_tokenizer):
+    engines = Engines(weights, tiny_chat_tokenizer)
+    cancel = threading.Event()
+    prefill_head = engines.graphs.lm_head
+
+    def cancelling_head(hidden: np.ndarray, index: int) -> np.ndarray:
+        cancel.set()  # the cancel lands as the prompt's last step runs: no new token gets computed
+        return prefill_head(hidden, index)
+
+    engines.graphs.lm_head = cancelling_head
+    history = (Turn(USER, QUESTIONS[0]),)
+    chunks = list(engines.reusing.generate(ChatRequest(SYSTEM, history), cancel))
+
+    assert chunks[-1].finish_reason is FinishReason.CANCELLED
+    answer = text_of(chunks)
+    turns = (*history, Turn(ASSISTANT, answer)) if answer else history
+    assert engines.reusing.held_prefix() == tuple(conversation_hashes(SYSTEM, turns))
+
+
 def test_an_empty_answer_adds_no_assistant_turn_to_what_is_held(weights, tiny_chat_tokenizer):
     engines = Engines(weights, tiny_chat_tokenizer)
     history = (Turn(USER, QUESTIONS[0]),)
