@@ -5,6 +5,7 @@ returns (the paced engine's hang_marker). Real pool processes on loopback.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 
@@ -58,8 +59,11 @@ def test_a_stopped_worker_is_dropped_gets_no_work_and_rejoins_cleanly_after_sigc
     wait_until(lambda: registrations(supervisor).count(frozen) == 2, f"{frozen} registered again")
     log = supervisor.log()
     assert "restarting" not in log
-    # It knew it had been silent too long: it re-registered before sending a single overdue chunk.
-    assert f"worker {frozen}: this worker sent nothing for" in log
+    # It knew it had been silent too long and re-registered before sending a single overdue chunk: by
+    # its own clock, or by the router's Disconnect when the SIGSTOP landed between the loop's own
+    # silence check and its read of the socket (both seen on a busy machine).
+    noticed = r"this worker sent nothing for [\d.]+ s|the router disconnected this worker"
+    assert re.search(rf"worker {frozen}: ({noticed})", log), log
     assert "a chunk from an unregistered peer" not in log
     # The healthy worker, idle the longest, takes a long request: the woken one serves the rest.
     hold = LiveStream(stub, unique_prompt("hold"))
