@@ -11,7 +11,7 @@ import signal
 import stat
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -472,8 +472,18 @@ def registered(server: RouterServer) -> int:
     return snapshot.workers_idle + snapshot.workers_busy
 
 
-def handshake_events(socket: zmq.Socket) -> zmq.Socket:
-    return socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+def monitored_before_connect(
+    monitors: list[zmq.Socket], events: int, secure: Callable[[zmq.Socket], None] | None = None
+) -> Callable[[zmq.Socket], None]:
+    """An EmulatedWorker `secure` hook that also attaches a monitor for `events` before the socket
+    connects: a handshake can fail before a monitor attached after the connect is listening."""
+
+    def prepare(socket: zmq.Socket) -> None:
+        if secure is not None:
+            secure(socket)
+        monitors.append(socket.get_monitor_socket(events))
+
+    return prepare
 
 
 @async_test
@@ -498,8 +508,11 @@ async def test_curve_an_unknown_key_is_refused_at_the_handshake_and_logged(curve
     async with secured_router(SecurityConfig(curve=curve_keys)) as server:
         rogue_client = CurveClient(rogue_of(curve_keys))
         with caplog.at_level(logging.WARNING, "security"):
-            rogue = EmulatedWorker(server.zmq_endpoint, "rogue", secure=rogue_client.secure)
-            monitor = handshake_events(rogue.socket)
+            monitors: list[zmq.Socket] = []
+            events = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            secure = monitored_before_connect(monitors, events, rogue_client.secure)
+            rogue = EmulatedWorker(server.zmq_endpoint, "rogue", secure=secure)
+            (monitor,) = monitors
             try:
                 rogue.hello()  # queued: it never leaves, the handshake fails first
                 event = parse_monitor_message(await monitor.recv_multipart())
@@ -518,8 +531,10 @@ async def test_curve_an_unknown_key_is_refused_at_the_handshake_and_logged(curve
 async def test_curve_a_plain_peer_is_refused_and_logged(curve_keys, caplog):
     caplog.set_level(logging.WARNING, "security")
     async with secured_router(SecurityConfig(curve=curve_keys)) as server:
-        plain = EmulatedWorker(server.zmq_endpoint, "plain")
-        monitor = plain.socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+        monitors: list[zmq.Socket] = []
+        secure = monitored_before_connect(monitors, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+        plain = EmulatedWorker(server.zmq_endpoint, "plain", secure=secure)
+        (monitor,) = monitors
         try:
             plain.hello()
             event = parse_monitor_message(await monitor.recv_multipart())
