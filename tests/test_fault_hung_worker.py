@@ -59,12 +59,15 @@ def test_a_stopped_worker_is_dropped_gets_no_work_and_rejoins_cleanly_after_sigc
     wait_until(lambda: registrations(supervisor).count(frozen) == 2, f"{frozen} registered again")
     log = supervisor.log()
     assert "restarting" not in log
-    # It knew it had been silent too long and re-registered before sending a single overdue chunk: by
-    # its own clock, or by the router's Disconnect when the SIGSTOP landed between the loop's own
-    # silence check and its read of the socket (both seen on a busy machine).
+    # It knew it had been silent too long and registered again: by its own clock, or by the router's
+    # Disconnect when the SIGSTOP landed between the loop's own silence check and its read of the
+    # socket (both seen on a busy machine). That it withholds its overdue chunks meanwhile is pinned
+    # in process (test_worker_request_path.py): here a chunk already handed to ZeroMQ when the SIGSTOP
+    # landed may still arrive after the thaw (seen on a busy machine): the router then answers the
+    # unregistered peer with a Disconnect and relays nothing (test_worker_registry.py); the frozen
+    # stream had already ended with UNAVAILABLE above.
     noticed = r"this worker sent nothing for [\d.]+ s|the router disconnected this worker"
     assert re.search(rf"worker {frozen}: ({noticed})", log), log
-    assert "a chunk from an unregistered peer" not in log
     # The healthy worker, idle the longest, takes a long request: the woken one serves the rest.
     hold = LiveStream(stub, unique_prompt("hold"))
     assert hold.wait_frames(1)[0].worker_id == healthy
