@@ -39,10 +39,20 @@ REPO = Path(__file__).resolve().parents[1]
 WAIT_S = 90.0  # generous upper bound for anything to happen on a loaded 2-core CI machine (a model load)
 
 
+_PORTS_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A loopback port free right now and not handed out before in this test process: the kernel
+    may give the same free port to two probes in a row, and a config with two listeners then
+    clashes with itself (seen on a busy machine: gRPC and ZeroMQ on one port)."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port not in _PORTS_HANDED_OUT:
+            _PORTS_HANDED_OUT.add(port)
+            return port
 
 
 def wait_until(condition: Callable[[], Any], what: str, timeout: float = WAIT_S, poll: float = 0.05) -> Any:

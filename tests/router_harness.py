@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from common.config import RouterConfig
 from protos import inference_pb2, inference_pb2_grpc, worker_pb2
 from router.server import RouterServer
 from router.validation import RequestLimits
+from tests.harness import free_port
 
 HEARTBEAT_S = 0.2  # x LIVENESS: 0.6 s of silence and a worker is lost; slack for a loaded CI machine
 LIVENESS = 3
@@ -80,13 +80,6 @@ async def eventually(condition: Callable[[], bool], what: str = "condition") -> 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.01)
-
-
-def free_port() -> int:
-    """A loopback port free right now (RouterConfig refuses port 0, so tests pick one)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def router_config(**overrides: Any) -> RouterConfig:

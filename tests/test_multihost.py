@@ -219,7 +219,9 @@ def test_a_rogue_peer_never_registers_never_gets_a_prompt_and_service_goes_on(po
     for report in (curve_report, plain_report):
         assert report["received"] == 0 and report["handshake_succeeded"] == 0, report
     assert curve_report["handshake_failed_auth"] >= 1, curve_report
-    assert plain_report["handshake_failed_protocol"] >= 1, plain_report
+    # A plain peer's handshake fails as a protocol error, or without detail when the router has
+    # already closed the connection as the peer reads its greeting (seen on a busy machine).
+    assert plain_report["handshake_failed_protocol"] + plain_report["handshake_failed"] >= 1, plain_report
     refusals = pool.log_lines(f"refused a worker connection from {pool.hosts.links['rogue'].peer_address}")
     assert 1 <= len(refusals) <= 2, refusals  # logged, rate-limited: not once per handshake
     assert not pool.log_lines("rogue")  # none of its messages (its id is "rogue") reached the router
