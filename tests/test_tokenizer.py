@@ -161,16 +161,6 @@ def test_a_chat_template_file_beside_the_config_wins_over_the_config_jinja_first
         load_tokenizer(tmp_path)
 
 
-def test_added_tokens_that_skip_ids_are_refused(tmp_path):
-    base = len(train_tiny_byte_level_bpe(tmp_path))
-    write_json(
-        tmp_path / "tokenizer_config.json",
-        {"added_tokens_decoder": {str(base + 5): {"content": "<|im_end|>", "special": True}}},
-    )
-    with pytest.raises(ValueError, match=r"declared with id .* do not continue the vocabulary"):
-        load_tokenizer(tmp_path)
-
-
 def test_folder_without_end_token_is_refused(tmp_path):
     train_tiny_byte_level_bpe(tmp_path)
     with pytest.raises(ValueError, match="no end-of-sequence token declared"):
@@ -418,7 +408,7 @@ def test_refused_folders_get_the_exact_message(tmp_path):
         load_tokenizer(tmp_path)
 
 
-def test_added_tokens_that_skip_ids_name_the_config_file(tmp_path):
+def test_added_tokens_that_skip_ids_are_refused_naming_the_config_file(tmp_path):
     base = len(train_tiny_byte_level_bpe(tmp_path))
     write_json(
         tmp_path / "tokenizer_config.json",
